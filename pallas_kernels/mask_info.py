@@ -1,0 +1,184 @@
+"""Block maps: the one description of which tiles of a score matrix a mask leaves visible.
+
+A block map is an integer array ``[num_q_blocks, num_kv_blocks]`` with one entry per
+``(block_q, block_k)`` tile of the ``[T, S]`` score matrix:
+
+* ``EMPTY`` (0): every entry of the tile is masked; kernels skip the tile (no loads, no math);
+* ``PARTIAL`` (1): some entries are visible; kernels evaluate the mask function on the tile;
+* ``FULL`` (2): every entry is visible; kernels run without mask arithmetic.
+
+This module is the kernel floor's half of the mask mechanism: it imports only numpy and jax.
+``attention_jax.masks`` builds block maps for its ``Mask`` objects with the helpers below, and
+every implementation (blockwise XLA path, Pallas kernels, ring) reads them the same way.
+
+A *mask function* has the signature ``fn(q_pos, kv_pos, q_vals, kv_vals) -> bool`` where
+``q_pos`` is an int32 tile of absolute query positions (shape ``[bq, 1]``), ``kv_pos`` of
+absolute key positions (``[1, bk]``), and ``q_vals`` / ``kv_vals`` are tuples of per-position
+data (segment ids, lengths) sliced to the same tiles. It must use only elementwise jnp ops so
+that it runs inside Pallas kernels on every backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EMPTY = 0
+PARTIAL = 1
+FULL = 2
+
+MaskFn = Callable[..., jax.Array]
+
+
+def num_blocks(length: int, block: int) -> int:
+    """Number of blocks of size ``block`` that cover ``length`` positions (the last may be ragged)."""
+    return -(-length // block)
+
+
+def block_bounds(length: int, block: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive first and last *valid* absolute position of each block.
+
+    >>> lo, hi = block_bounds(10, 4, offset=100)
+    >>> lo.tolist(), hi.tolist()
+    ([100, 104, 108], [103, 107, 109])
+    """
+    starts = np.arange(num_blocks(length, block), dtype=np.int64) * block
+    return starts + offset, np.minimum(starts + block, length) - 1 + offset
+
+
+def block_bounds_from_positions(positions: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest absolute position in each block of an arbitrary position vector.
+
+    Interval bounds make every structural classification conservative-correct for positions that
+    are not contiguous (a striped ring shard): "all visible" over the interval implies it over the
+    subset, and "any visible" can only err towards ``PARTIAL``.
+
+    >>> lo, hi = block_bounds_from_positions(np.array([0, 8, 16, 24, 32]), 2)
+    >>> lo.tolist(), hi.tolist()
+    ([0, 16, 32], [8, 24, 32])
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    n = num_blocks(len(positions), block)
+    padded = np.concatenate([positions, np.repeat(positions[-1:], n * block - len(positions))])
+    tiles = padded.reshape(n, block)
+    return tiles.min(axis=1), tiles.max(axis=1)
+
+
+def block_and(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Block map of ``mask_a & mask_b``: empty if either is, full if both are, else partial."""
+    return np.minimum(a, b)
+
+
+def block_or(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Block map of ``mask_a | mask_b``: full if either is, empty if both are, else partial."""
+    return np.maximum(a, b)
+
+
+def block_not(a: np.ndarray) -> np.ndarray:
+    """Block map of ``~mask``: empty and full swap, partial stays partial."""
+    return (FULL - a).astype(a.dtype)
+
+
+def classify(all_visible: np.ndarray, any_visible: np.ndarray) -> np.ndarray:
+    """Turn per-block ``all``/``any`` visibility flags into a block map."""
+    return np.where(all_visible, FULL, np.where(any_visible, PARTIAL, EMPTY)).astype(np.int8)
+
+
+def block_map_from_dense(dense: np.ndarray, block_q: int, block_k: int) -> np.ndarray:
+    """Exact block map of a dense boolean ``[T, S]`` mask (blocks past the end count as masked).
+
+    Used for masks that have no structure to exploit (``from_fn``) and by tests as the oracle.
+
+    >>> import numpy as np
+    >>> block_map_from_dense(np.tril(np.ones((4, 4), bool)), 2, 2).tolist()
+    [[1, 0], [2, 1]]
+    """
+    dense = np.asarray(dense, dtype=bool)
+    t, s = dense.shape
+    nq, nk = num_blocks(t, block_q), num_blocks(s, block_k)
+    padded = np.zeros((nq * block_q, nk * block_k), dtype=bool)
+    padded[:t, :s] = dense
+    tiles = padded.reshape(nq, block_q, nk, block_k)
+    valid = np.zeros_like(padded)
+    valid[:t, :s] = True
+    valid_tiles = valid.reshape(nq, block_q, nk, block_k)
+    any_visible = tiles.any(axis=(1, 3))
+    # A tile is full when every valid entry is visible and it has no padding on the key side.
+    all_visible = np.all(tiles | ~valid_tiles, axis=(1, 3)) & kv_tiles_complete(s, block_k, nq)
+    return classify(all_visible, any_visible)
+
+
+def kv_tiles_complete(kv_len: int, block_k: int, num_q_blocks: int) -> np.ndarray:
+    """``[num_q_blocks, num_kv_blocks]`` flags: False for the ragged last key block.
+
+    A key block that runs past ``kv_len`` holds padding columns that must be masked, so it is
+    never ``FULL``; kernels treat it as ``PARTIAL`` and mask ``kv_idx >= kv_len``.
+    """
+    nk = num_blocks(kv_len, block_k)
+    complete = (np.arange(nk) + 1) * block_k <= kv_len
+    return np.broadcast_to(complete[None, :], (num_q_blocks, nk))
+
+
+def count_visible_blocks(block_map: np.ndarray) -> int:
+    """Number of tiles a kernel computes (partial + full)."""
+    return int(np.count_nonzero(np.asarray(block_map) != EMPTY))
+
+
+def validate_block_map(block_map: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Check that ``block_map`` is an integer array of ``shape`` with values in {0, 1, 2}."""
+    block_map = np.asarray(block_map)
+    if block_map.shape != tuple(shape):
+        raise ValueError(f"block_map must have shape {tuple(shape)}, got {block_map.shape}.")
+    if block_map.size and (block_map.min() < EMPTY or block_map.max() > FULL):
+        raise ValueError("block_map values must be 0 (empty), 1 (partial) or 2 (full).")
+    return block_map.astype(np.int8)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Everything a kernel needs to apply a mask: the kernels' only view of masks.
+
+    Attributes:
+      fn: static elementwise mask function ``fn(q_pos, kv_pos, q_vals, kv_vals) -> bool``
+        (see the module docstring); None means "everything visible" (padding still applies).
+      block_map: int32 ``[num_q_blocks, num_kv_blocks]`` block map for ``(block_q, block_k)``
+        tiles. A runtime array, so a ring step can pick its map with ``axis_index``.
+      q_positions: int32 ``[T]`` absolute position of each query (``offset + arange(T)`` for a
+        contiguous sequence; any order for ring layouts).
+      kv_positions: int32 ``[S]`` absolute position of each key.
+      q_vals: per-query data ``fn`` reads, each ``[B, T]``.
+      kv_vals: per-key data ``fn`` reads, each ``[B, S]``.
+      block_q, block_k: the tile sizes ``block_map`` was built for.
+    """
+
+    fn: Callable | None
+    block_map: jax.Array
+    q_positions: jax.Array
+    kv_positions: jax.Array
+    q_vals: tuple = ()
+    kv_vals: tuple = ()
+    block_q: int = 128
+    block_k: int = 128
+
+
+def _flatten_spec(spec: MaskSpec):
+    children = (spec.block_map, spec.q_positions, spec.kv_positions, spec.q_vals, spec.kv_vals)
+    return children, (spec.fn, spec.block_q, spec.block_k)
+
+
+def _unflatten_spec(aux, children):
+    fn, block_q, block_k = aux
+    block_map, q_positions, kv_positions, q_vals, kv_vals = children
+    return MaskSpec(fn, block_map, q_positions, kv_positions, tuple(q_vals), tuple(kv_vals), block_q, block_k)
+
+
+jax.tree_util.register_pytree_node(MaskSpec, _flatten_spec, _unflatten_spec)
+
+
+def contiguous_positions(length: int, offset: int | jax.Array = 0) -> jax.Array:
+    """``offset + arange(length)`` as int32 (``offset`` may be traced)."""
+    return offset + jnp.arange(length, dtype=jnp.int32)
