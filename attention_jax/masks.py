@@ -14,11 +14,8 @@ decoding step (``q_offset = t``) and for a ring shard. Masks combine with ``&``,
 
 >>> import attention_jax as aj
 >>> m = aj.masks.causal() & aj.masks.sliding_window(2)
->>> m.dense(4, 4).astype(int)
-array([[1, 0, 0, 0],
-       [1, 1, 0, 0],
-       [1, 1, 1, 0],
-       [0, 1, 1, 1]])
+>>> m.dense(4, 4).astype(int).tolist()
+[[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
 >>> m.block_map(4, 4, 2, 2).tolist()
 [[1, 0], [1, 1]]
 """
@@ -768,10 +765,8 @@ def full() -> Mask:
 def causal(offset: int = 0) -> Mask:
     """Query ``i`` sees key ``j`` iff ``j <= i + offset``.
 
-    >>> causal().dense(3, 3).astype(int)
-    array([[1, 0, 0],
-           [1, 1, 0],
-           [1, 1, 1]])
+    >>> causal().dense(3, 3).astype(int).tolist()
+    [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     """
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
         raise ValueError(f"offset must be an integer, got {offset=!r}.")
@@ -784,10 +779,8 @@ def sliding_window(left: int, right: int = 0) -> Mask:
     The convention of ``jax.nn.dot_product_attention(local_window_size=(left, right))``; combine
     with :func:`causal` (or keep ``right=0``) for a causal window.
 
-    >>> sliding_window(1).dense(3, 3).astype(int)
-    array([[1, 0, 0],
-           [1, 1, 0],
-           [0, 1, 1]])
+    >>> sliding_window(1).dense(3, 3).astype(int).tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
     """
     left = _positive_int("left", left, minimum=0)
     right = _positive_int("right", right, minimum=0)
@@ -812,10 +805,8 @@ def segments(q_segment_ids: Array, kv_segment_ids: Array | None = None) -> Mask:
       kv_segment_ids: int ``[B, S]``; defaults to ``q_segment_ids`` (self-attention).
 
     >>> import jax.numpy as jnp
-    >>> segments(jnp.array([[0, 0, 1]])).dense(3, 3).astype(int)[0]
-    array([[1, 1, 0],
-           [1, 1, 0],
-           [0, 0, 1]])
+    >>> segments(jnp.array([[0, 0, 1]])).dense(3, 3).astype(int)[0].tolist()
+    [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
     """
     if kv_segment_ids is None:
         kv_segment_ids = q_segment_ids
@@ -836,9 +827,8 @@ def padding(q_lengths: Array | None = None, kv_lengths: Array | None = None) -> 
     Padded query rows see nothing and output zeros.
 
     >>> import jax.numpy as jnp
-    >>> padding(kv_lengths=jnp.array([2])).dense(2, 3).astype(int)[0]
-    array([[1, 1, 0],
-           [1, 1, 0]])
+    >>> padding(kv_lengths=jnp.array([2])).dense(2, 3).astype(int)[0].tolist()
+    [[1, 1, 0], [1, 1, 0]]
     """
     if q_lengths is None and kv_lengths is None:
         raise ValueError("padding needs q_lengths, kv_lengths or both.")
@@ -884,9 +874,8 @@ def from_fn(fn: Callable[[Array, Array], Array]) -> Mask:
     the dense mask; prefer the structural constructors when one fits.
 
     >>> m = from_fn(lambda q, k: (q + k) % 2 == 0)
-    >>> m.dense(2, 2).astype(int)
-    array([[1, 0],
-           [0, 1]])
+    >>> m.dense(2, 2).astype(int).tolist()
+    [[1, 0], [0, 1]]
     """
     if not callable(fn):
         raise TypeError(f"from_fn expects a callable, got {type(fn).__name__}.")

@@ -228,7 +228,7 @@ def t5_relative_buckets(
 
     >>> import jax.numpy as jnp
     >>> t5_relative_buckets(jnp.array([-3, 0, 3]), num_buckets=8, max_distance=16).tolist()
-    [3, 0, 7]
+    [2, 0, 6]
     """
     relative_position = jnp.asarray(relative_position, jnp.int32)
     buckets = jnp.zeros_like(relative_position)

@@ -119,7 +119,7 @@ def relative_position_bias(table: Array, num_buckets: int, max_distance: int, bi
     """
     if jnp.ndim(table) != 2 or jnp.shape(table)[0] != num_buckets:
         raise ValueError(
-            f"table must have shape [num_buckets, N] with num_buckets={num_buckets}, got table.shape={jnp.shape(table)}."
+            f"table must have shape [num_buckets, N] with {num_buckets=}, got table.shape={jnp.shape(table)}."
         )
     return _RelativePositionBias(table, int(num_buckets), int(max_distance), bool(bidirectional))
 

@@ -10,6 +10,11 @@ from attention_jax.functional._checks import AttentionShape
 Array = jax.Array
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for bf16/f16/f32 inputs; float64 inputs keep float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def dense_scores(
     query: Array,
     key: Array,
@@ -25,11 +30,12 @@ def dense_scores(
     """Pre-mask scores ``[B, N, T, S]`` in float32: ``scale * q.k + bias``, then score_mod, then softcap."""
     b, t, n, h = query.shape
     s, k, g = shape.kv_len, shape.num_kv_heads, shape.group_size
-    q = query.astype(jnp.float32).reshape(b, t, k, g, h)  # [B, T, K, G, H]; head n = k * G + g
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    acc = accumulation_dtype(query.dtype)
+    q = query.astype(acc).reshape(b, t, k, g, h)  # [B, T, K, G, H]; head n = k * G + g
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(acc), precision=jax.lax.Precision.HIGHEST)
     scores = scores.reshape(b, n, t, s) * scale  # [B, N, T, S]
     if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
+        scores = scores + bias.astype(acc)
     if score_mod is not None:
         batch_idx = jnp.arange(b, dtype=jnp.int32)[:, None, None, None]
         head_idx = jnp.arange(n, dtype=jnp.int32)[None, :, None, None]
@@ -95,7 +101,7 @@ def attention(
     b, t, n, _ = query.shape
     k, g = shape.num_kv_heads, shape.group_size
     probs = probs.reshape(b, k, g, t, shape.kv_len)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(probs.dtype), precision=jax.lax.Precision.HIGHEST)
     return out.reshape(b, t, n, shape.value_head_dim).astype(query.dtype), lse
 
 
