@@ -113,6 +113,8 @@ def dot_product_attention(
         q_offset=q_offset,
         kv_offset=kv_offset,
     )
+    if return_lse and lse is None:
+        raise ValueError(f"implementation={implementation!r} cannot return the logsumexp; use return_lse=False.")
     return (out, lse) if return_lse else out
 
 
