@@ -158,12 +158,14 @@ class Mask:
         if q_positions is None:
             q_lo, q_hi = mask_info.block_bounds(q_len, block_q, q_offset)
         else:
-            q_lo, q_hi = mask_info.block_bounds_from_positions(_positions("q_positions", q_positions, q_len), block_q)
+            q_lo, q_hi = mask_info.block_bounds_from_positions(
+                _host_positions("q_positions", q_positions, q_len), block_q
+            )
         if kv_positions is None:
             kv_lo, kv_hi = mask_info.block_bounds(kv_len, block_k, kv_offset)
         else:
             kv_lo, kv_hi = mask_info.block_bounds_from_positions(
-                _positions("kv_positions", kv_positions, kv_len), block_k
+                _host_positions("kv_positions", kv_positions, kv_len), block_k
             )
         total = _total_length(kv_len, kv_offset, kv_positions)
         blocks = self._block_map_bounds(q_lo[:, None], q_hi[:, None], kv_lo[None, :], kv_hi[None, :], total)
@@ -279,6 +281,17 @@ def _positions(name: str, positions: Any, length: int, offset: Any = 0) -> Array
     if jnp.shape(positions) != (length,):
         raise ValueError(f"{name} must have shape [{length}], got {name}.shape={jnp.shape(positions)}.")
     return jnp.asarray(positions, jnp.int32)
+
+
+def _host_positions(name: str, positions: Any, length: int) -> np.ndarray:
+    """Concrete positions for a static block map (numpy, so it also works while tracing)."""
+    try:
+        positions = np.asarray(positions)
+    except jax.errors.TracerArrayConversionError:
+        raise ValueError(f"{name} must be concrete (numpy) to build a static block map, got a traced array.") from None
+    if positions.shape != (length,):
+        raise ValueError(f"{name} must have shape [{length}], got {name}.shape={positions.shape}.")
+    return positions
 
 
 def _total_length(kv_len: int, kv_offset: Any, kv_positions: Any) -> int:
