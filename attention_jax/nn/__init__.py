@@ -1,0 +1,66 @@
+"""Flax NNX attention modules: thin shells (parameters) over the functional ops.
+
+Every attention module takes keyword-only configuration and ``rngs``, is called as
+``layer(x, *, mask=None, positions=None, lengths=None, cache=None, deterministic=None)`` and
+returns ``y``, or ``(y, cache)`` when given a cache from ``layer.init_cache(batch, max_length)``.
+The transformer stacks accept any module following that protocol (see ``blocks.AttentionFactory``).
+Attention weights can be recorded without changing model code: see ``record_attention_weights``.
+"""
+
+from attention_jax.nn.blocks import AttentionFactory, FeedForward, TransformerBlock
+from attention_jax.nn.differential import DifferentialAttention
+from attention_jax.nn.latent import MultiHeadLatentAttention
+from attention_jax.nn.multi_head import MultiHeadAttention
+from attention_jax.nn.recording import record_attention_weights
+from attention_jax.nn.transformer import TransformerDecoder, TransformerEncoder, TransformerLM
+
+__all__ = [
+    "AttentionFactory",
+    "DifferentialAttention",
+    "FeedForward",
+    "MultiHeadAttention",
+    "MultiHeadLatentAttention",
+    "TransformerBlock",
+    "TransformerDecoder",
+    "TransformerEncoder",
+    "TransformerLM",
+    "record_attention_weights",
+]
+
+# --- variants (issue 6) ---
+from attention_jax.nn.linear import FastWeightProgrammer, LinearAttention, Performer  # noqa: E402
+from attention_jax.nn.lowrank import Linformer, Nystromformer  # noqa: E402
+from attention_jax.nn.nsa import NativeSparseAttention  # noqa: E402
+from attention_jax.nn.positional_attention import PositionalAttention  # noqa: E402
+from attention_jax.nn.recurrent import AdditiveAttention, LuongAttention, Seq2SeqWithAttention  # noqa: E402
+from attention_jax.nn.sparse import BigBirdAttention, LongformerAttention, SparseTransformerAttention  # noqa: E402
+from attention_jax.nn.vision import (  # noqa: E402
+    CBAM,
+    EfficientChannelAttention,
+    PatchEmbedding,
+    SpatialAttention,
+    SqueezeExcitation,
+    VisionTransformer,
+)
+
+__all__ += [
+    "AdditiveAttention",
+    "BigBirdAttention",
+    "CBAM",
+    "EfficientChannelAttention",
+    "FastWeightProgrammer",
+    "LinearAttention",
+    "Linformer",
+    "LongformerAttention",
+    "LuongAttention",
+    "NativeSparseAttention",
+    "Nystromformer",
+    "PatchEmbedding",
+    "Performer",
+    "PositionalAttention",
+    "Seq2SeqWithAttention",
+    "SparseTransformerAttention",
+    "SpatialAttention",
+    "SqueezeExcitation",
+    "VisionTransformer",
+]

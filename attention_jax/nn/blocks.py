@@ -1,0 +1,187 @@
+"""``TransformerBlock``: pre-norm attention (+ cross-attention) + feed-forward, any attention plugged in."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attention_jax import masks as masks_lib
+from attention_jax.nn.multi_head import MultiHeadAttention
+
+Array = jax.Array
+
+# An attention factory builds one attention module: ``factory(features, rngs=rngs)``, plus
+# ``depth=`` (the 1-based layer index) when it accepts that keyword, as DifferentialAttention does.
+# ``functools.partial(aj.nn.MultiHeadAttention, num_heads=8, rope=aj.positional.RoPE())`` is one.
+AttentionFactory = Callable[..., nnx.Module]
+
+NORMS = {"rms": nnx.RMSNorm, "layer": nnx.LayerNorm}
+ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": jax.nn.gelu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+
+
+def build_attention(factory: AttentionFactory, features: int, depth: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Call ``factory(features, rngs=rngs)``, adding ``depth=`` if the factory takes it."""
+    if not callable(factory):
+        raise TypeError(f"attention must be a factory called as factory(features, rngs=rngs), got {factory!r}.")
+    return factory(features, rngs=rngs, **({"depth": depth} if _accepts_depth(factory) else {}))
+
+
+def _accepts_depth(factory) -> bool:
+    fixed = {}
+    while isinstance(factory, functools.partial):
+        fixed.update(factory.keywords)
+        factory = factory.func
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return "depth" in parameters and "depth" not in fixed
+
+
+def make_norm(kind: str, features: int, *, epsilon: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+    if kind not in NORMS:
+        raise ValueError(f"norm must be one of {tuple(NORMS)}, got norm={kind!r}.")
+    return NORMS[kind](features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class FeedForward(nnx.Module):
+    """``down(act(gate(x)) * up(x))`` for gated kinds (``"swiglu"``, ``"geglu"``), else ``down(act(up(x)))``.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> FeedForward(8, 32, kind="swiglu", rngs=nnx.Rngs(0))(jnp.ones((1, 2, 8))).shape
+    (1, 2, 8)
+    """
+
+    def __init__(
+        self,
+        features: int,
+        hidden_features: int,
+        *,
+        kind: str = "swiglu",
+        use_bias: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"kind must be one of {tuple(ACTIVATIONS)}, got {kind=!r}.")
+        self.kind = kind
+        dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.up = nnx.Linear(features, hidden_features, **dense)
+        self.gate = nnx.Linear(features, hidden_features, **dense) if kind.endswith("glu") else nnx.data(None)
+        self.down = nnx.Linear(hidden_features, features, **dense)
+
+    def __call__(self, x: Array) -> Array:
+        act = ACTIVATIONS[self.kind]
+        if self.gate is None:
+            return self.down(act(self.up(x)))
+        return self.down(act(self.gate(x)) * self.up(x))
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` [``+ cross(norm(.), context)``] ``+ ffn(norm(.))``.
+
+    Args:
+      features: D.
+      attention: an attention factory (see ``AttentionFactory``); default
+        ``MultiHeadAttention(features, num_heads=num_heads)``.
+      num_heads: heads of the default attention.
+      cross_attention: a factory for cross-attention to a ``context`` (decoder blocks), or None.
+      mlp: ``"swiglu"`` (default), ``"geglu"``, ``"gelu"`` or ``"relu"``.
+      mlp_features: hidden width, default ``4 * features`` (``8/3`` of it, rounded, for gated kinds).
+      norm: ``"rms"`` or ``"layer"``; norm_epsilon its epsilon.
+      dropout_rate: dropout on each residual branch when not ``deterministic``.
+      depth: 1-based index of the block, given to attention factories that take it.
+      dtype, param_dtype, rngs: as usual.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> block = TransformerBlock(16, num_heads=2, rngs=nnx.Rngs(0))
+    >>> block(jnp.ones((1, 3, 16)), mask=None).shape
+    (1, 3, 16)
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        attention: AttentionFactory | None = None,
+        num_heads: int = 4,
+        cross_attention: AttentionFactory | None = None,
+        mlp: str = "swiglu",
+        mlp_features: int | None = None,
+        norm: str = "rms",
+        norm_epsilon: float = 1e-6,
+        dropout_rate: float = 0.0,
+        deterministic: bool = False,
+        depth: int = 1,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if attention is None:
+            attention = functools.partial(MultiHeadAttention, num_heads=num_heads, dtype=dtype, param_dtype=param_dtype)
+        if mlp_features is None:
+            mlp_features = 4 * features if not mlp.endswith("glu") else -(-8 * features // 3)
+        norm_args = dict(epsilon=norm_epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.features, self.depth = features, depth
+        self.attention_norm = make_norm(norm, features, **norm_args)
+        self.attention = build_attention(attention, features, depth, rngs)
+        if cross_attention is not None:
+            self.cross_norm = make_norm(norm, features, **norm_args)
+            self.cross_attention = build_attention(cross_attention, features, depth, rngs)
+        else:
+            self.cross_norm, self.cross_attention = nnx.data(None), nnx.data(None)
+        self.mlp_norm = make_norm(norm, features, **norm_args)
+        self.mlp = FeedForward(features, mlp_features, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate, deterministic=deterministic, rngs=rngs)
+        self.deterministic = deterministic
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        context: Array | None = None,
+        mask: masks_lib.Mask | Array | None = None,
+        context_mask: masks_lib.Mask | Array | None = None,
+        positions: Array | None = None,
+        lengths: Array | None = None,
+        cache=None,
+        deterministic: bool | None = None,
+    ):
+        """``x [B, T, D]`` (and ``context [B, S, D]`` for cross-attention) to ``[B, T, D]``.
+
+        ``mask`` (None: the attention's own) goes to self-attention, ``context_mask`` to
+        cross-attention; ``positions``, ``lengths``, ``cache`` and ``deterministic`` are passed to
+        self-attention when given. Returns ``(y, cache)`` when a cache is given.
+        """
+        if (context is None) != (self.cross_attention is None):
+            raise ValueError(
+                "a block with cross-attention needs a context and one without takes none, got "
+                f"context={'None' if context is None else context.shape} and "
+                f"cross_attention={'None' if self.cross_attention is None else type(self.cross_attention).__name__}."
+            )
+        given = dict(mask=mask, positions=positions, lengths=lengths, cache=cache, deterministic=deterministic)
+        out = self.attention(self.attention_norm(x), **{k: v for k, v in given.items() if v is not None})
+        h, cache = out if cache is not None else (out, None)
+        x = x + self.dropout(h, deterministic=deterministic)
+        if self.cross_attention is not None:
+            cross = dict(mask=context_mask, deterministic=deterministic)
+            h = self.cross_attention(self.cross_norm(x), context, **{k: v for k, v in cross.items() if v is not None})
+            x = x + self.dropout(h, deterministic=deterministic)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)), deterministic=deterministic)
+        return x if cache is None else (x, cache)
+
+    def init_cache(self, batch_size: int, max_length: int, *, kind: str = "dense", **options):
+        """The self-attention's cache; ``kind="rolling"`` falls back to dense for a layer without a window."""
+        if kind == "rolling" and getattr(self.attention, "sliding_window", None) is None:
+            kind = "dense"
+        return self.attention.init_cache(batch_size, max_length, kind=kind, **options)

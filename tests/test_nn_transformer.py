@@ -1,0 +1,179 @@
+"""Transformer blocks and stacks: pluggable attention, decoding, NNX transforms, training, checkpoints."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx, serialization
+
+import attention_jax as aj
+from attention_jax.functional.differential import lambda_init
+
+V, D = 16, 16
+
+
+def _tokens(seed, b=2, t=8):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, V)
+
+
+def _lm(num_layers=2, **kw):
+    return aj.nn.TransformerLM(V, D, num_layers, num_heads=2, rngs=nnx.Rngs(0), **kw)
+
+
+def test_lm_is_causal():
+    lm = _lm()
+    tokens = _tokens(0)
+    changed = tokens.at[:, 5:].set((tokens[:, 5:] + 1) % V)
+    a, b = nnx.jit(lambda m, t, u: (m(t), m(u)))(lm, tokens, changed)
+    chex.assert_shape(a, (2, 8, V))
+    np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-6)
+    assert not np.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_encoder_ignores_padding():
+    enc = aj.nn.TransformerEncoder(2, D, num_heads=2, mlp="gelu", norm="layer", rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (2, 6, D))
+    padded, short = nnx.jit(lambda m, x: (m(x, lengths=jnp.array([4, 4])), m(x[:, :4])))(enc, x)
+    np.testing.assert_allclose(padded[:, :4], short, atol=1e-5)
+
+
+def test_decoder_decode_equals_full_forward():
+    dec = aj.nn.TransformerDecoder(2, D, num_heads=2, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(4), (2, 6, D))
+    context = jax.random.normal(jax.random.key(5), (2, 5, D))
+    context_lengths = jnp.array([5, 3])
+
+    @nnx.jit
+    def run(dec, x, context):
+        full = dec(x, context, context_lengths=context_lengths)
+        cache = dec.init_cache(2, 6)
+        first, cache = dec(x[:, :3], context, context_lengths=context_lengths, cache=cache)
+        rest = []
+        for t in range(3, 6):
+            y, cache = dec(x[:, t : t + 1], context, context_lengths=context_lengths, cache=cache)
+            rest.append(y)
+        return full, jnp.concatenate([first, *rest], axis=1)
+
+    full, decoded = run(dec, x, context)
+    np.testing.assert_allclose(decoded, full, atol=2e-5)
+    # context padding is masked: changing padded context positions changes nothing
+    other = context.at[1, 3:].set(100.0)
+    np.testing.assert_allclose(nnx.jit(lambda m, a, c: m(a, c, context_lengths=context_lengths))(dec, x, other), full,
+                               atol=1e-5)  # fmt: skip
+
+
+class _MeanAttention(nnx.Module):
+    """A user's own attention following the protocol: causal running mean of a projection."""
+
+    def __init__(self, features, *, rngs):
+        self.proj = nnx.Linear(features, features, rngs=rngs)
+
+    def __call__(self, x, *, mask=None, positions=None, lengths=None, cache=None, deterministic=None):
+        h = self.proj(x)
+        return jnp.cumsum(h, axis=1) / jnp.arange(1, x.shape[1] + 1)[None, :, None]
+
+
+def test_pluggable_attention_factories():
+    diff = functools.partial(aj.nn.DifferentialAttention, num_heads=2)
+    lm = aj.nn.TransformerLM(V, D, 3, attention=diff, rngs=nnx.Rngs(0))
+    assert [b.attention.lambda_init for b in lm.stack.blocks] == pytest.approx([lambda_init(i) for i in (1, 2, 3)])
+    mla = functools.partial(aj.nn.MultiHeadLatentAttention, num_heads=2, kv_lora_rank=8, qk_nope_head_dim=4,
+                            qk_rope_head_dim=4, v_head_dim=8)  # fmt: skip
+    mixed = [mla, functools.partial(aj.nn.MultiHeadAttention, num_heads=2, sliding_window=2), _MeanAttention]
+    lm = aj.nn.TransformerLM(V, D, 3, attention=mixed, rngs=nnx.Rngs(0))
+    assert isinstance(lm.stack.blocks[2].attention, _MeanAttention)
+    logits = nnx.jit(lambda m, t: m(t))(lm, _tokens(1))
+    chex.assert_shape(logits, (2, 8, V))
+    assert np.all(np.isfinite(logits))
+    with pytest.raises(ValueError, match="2 factories for num_layers=3"):
+        aj.nn.TransformerLM(V, D, 3, attention=mixed[:2], rngs=nnx.Rngs(0))
+
+
+def test_vmap_and_scan_over_blocks():
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+        return aj.nn.TransformerBlock(D, num_heads=2, rngs=rngs)
+
+    blocks = make_blocks(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(6), (2, 5, D))
+
+    @nnx.jit
+    def scanned(blocks, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(h, block):
+            return block(h, mask=aj.masks.causal())
+
+        return step(x, blocks)
+
+    @jax.jit
+    def one_by_one(state, x):  # the same blocks, sliced out of the stack and applied in a Python loop
+        for i in range(3):
+            block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            x = block(x, mask=aj.masks.causal())
+        return x
+
+    graphdef, state = nnx.split(blocks)
+    np.testing.assert_allclose(scanned(blocks, x), one_by_one(state, x), atol=1e-5)
+
+
+def test_remat_gives_the_same_gradients():
+    tokens = _tokens(7)
+
+    def loss(model):
+        logits = model(tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    grad = nnx.jit(nnx.grad(loss))
+    chex.assert_trees_all_close(
+        nnx.to_pure_dict(grad(_lm(1, remat=True))), nnx.to_pure_dict(grad(_lm(1))), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_optax_steps_reduce_the_loss_and_checkpoint_roundtrips(tmp_path):
+    model = _lm(1, dropout_rate=0.1)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    tokens = _tokens(8, b=4, t=12)
+
+    def loss_fn(model, tokens):
+        logits = model(tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    @nnx.jit
+    def train_step(model, optimizer, tokens):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, tokens)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(train_step(model, optimizer, tokens)) for _ in range(8)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    model.eval()
+    eval_logits = nnx.jit(lambda m, t: m(t))(model, tokens)
+    path = tmp_path / "params.msgpack"
+    path.write_bytes(serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    restored = _lm(1, dropout_rate=0.1)
+    restored.eval()
+    state = nnx.state(restored, nnx.Param)
+    nnx.replace_by_pure_dict(state, serialization.msgpack_restore(path.read_bytes()))
+    nnx.update(restored, state)
+    np.testing.assert_array_equal(nnx.jit(lambda m, t: m(t))(restored, tokens), eval_logits)
+
+
+def test_bad_inputs():
+    lm = _lm()
+    with pytest.raises(ValueError, match=r"tokens must be integers of shape \[B, T\]"):
+        lm(jnp.ones((2, 3)))
+    block = aj.nn.TransformerBlock(D, num_heads=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="without cross-attention|one without takes none"):
+        block(jnp.ones((1, 2, D)), context=jnp.ones((1, 2, D)))
+    with pytest.raises(ValueError, match="num_layers must be a positive integer"):
+        aj.nn.TransformerEncoder(0, D, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        aj.nn.TransformerBlock(D, norm="batch", rngs=nnx.Rngs(0))
