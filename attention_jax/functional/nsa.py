@@ -1,0 +1,201 @@
+"""Native Sparse Attention (Yuan et al., DeepSeek, 2025): three causal branches mixed by learned gates.
+
+For query ``t`` and each key/value head (one GQA group of G query heads):
+
+* compressed: attention over compressed keys/values, one per block of ``compress_block`` positions taken every
+  ``compress_stride`` positions; compressed block ``m`` covers ``[m d, m d + l)`` and is visible once it is
+  complete (``m d + l - 1 <= t``);
+* selected: the compressed attention probabilities, summed over the G heads of the group and mapped onto
+  selection blocks of ``select_block`` positions (a selection block scores the sum of the compressed blocks
+  that overlap it), pick the top ``num_selected`` blocks that start at or before ``t`` (the block holding ``t``
+  is always taken); the query attends, causally, to the tokens of those blocks;
+* window: the last ``window`` keys before ``t`` and ``t`` itself.
+
+``out_t = g_cmp o_cmp + g_slc o_slc + g_win o_win`` with per-head gates ``[B, T, N, 3]`` (sigmoids in the
+paper). The block choice carries no gradient; the compressed branch learns from its own output.
+
+>>> import jax.numpy as jnp
+>>> q, kv = jnp.ones((1, 16, 4, 8)), jnp.ones((1, 16, 2, 8))  # [B, T, N, H], [B, S, K, H]
+>>> kc = compress_blocks(kv, block=4, stride=2).mean(3)        # mean-pooled blocks
+>>> kc.shape                                                   # [B, M, K, H], M = (16 - 4) // 2 + 1
+(1, 7, 2, 8)
+>>> gates = jnp.full((1, 16, 4, 3), 0.5)
+>>> native_sparse_attention(q, kv, kv, kc, kc, gates, compress_block=4, compress_stride=2, select_block=4,
+...                         num_selected=2, window=3).shape
+(1, 16, 4, 8)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention_jax import masks
+from attention_jax.functional import _checks
+from attention_jax.functional.dot_product import dot_product_attention
+from attention_jax.functional.reference import masked_softmax
+
+Array = jax.Array
+_HI = jax.lax.Precision.HIGHEST
+
+__all__ = ["num_compressed_blocks", "compress_blocks", "selection_overlap", "native_sparse_attention"]
+
+
+def num_compressed_blocks(seq_len: int, block: int, stride: int) -> int:
+    """How many complete blocks of ``block`` positions start every ``stride`` positions in ``seq_len``."""
+    return 0 if seq_len < block else (seq_len - block) // stride + 1
+
+
+def compress_blocks(x: Array, *, block: int, stride: int) -> Array:
+    """The blocks a compression function reads: ``[B, S, K, H] -> [B, M, K, block, H]``."""
+    m = num_compressed_blocks(x.shape[1], block, stride)
+    index = np.arange(m)[:, None] * stride + np.arange(block)[None, :]  # [M, block]
+    return jnp.swapaxes(x[:, index], 2, 3)  # [B, M, block, K, H] -> [B, M, K, block, H]
+
+
+def selection_overlap(num_cmp: int, compress_block: int, compress_stride: int, select_block: int, seq_len: int):
+    """Static ``[M, nb]`` 0/1 matrix: compressed block ``m`` overlaps selection block ``j``."""
+    num_select = -(-seq_len // select_block)
+    start = np.arange(num_cmp)[:, None] * compress_stride
+    j = np.arange(num_select)[None, :]
+    hits = (start <= (j + 1) * select_block - 1) & (j * select_block <= start + compress_block - 1)
+    return hits.astype(np.float32)
+
+
+def check_config(compress_block, compress_stride, select_block, num_selected, window):
+    for name, value in (
+        ("compress_block", compress_block),
+        ("compress_stride", compress_stride),
+        ("select_block", select_block),
+        ("num_selected", num_selected),
+        ("window", window),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
+    if compress_block % compress_stride:
+        raise ValueError(f"compress_stride must divide compress_block, got {compress_stride=} and {compress_block=}.")
+    if select_block % compress_stride:
+        raise ValueError(f"compress_stride must divide select_block, got {compress_stride=} and {select_block=}.")
+
+
+def _selected_branch(q, key, value, p_cmp, overlap, *, select_block, num_selected, scale):
+    """Top-n block attention. ``q [B, T, K, G, H]``, ``p_cmp [B, K, G, T, M]`` -> ``[B, T, K, G, Hv]``."""
+    b, t, k_heads, _, h = q.shape
+    num_blocks = overlap.shape[1]
+    # Importance of each selection block, shared by the G query heads of a group.
+    importance = jnp.einsum("BKGTM,MJ->BKTJ", p_cmp, jnp.asarray(overlap), precision=_HI)  # [B, K, T, nb]
+    q_block = np.arange(t)[:, None] // select_block
+    j = np.arange(num_blocks)[None, :]
+    importance = jnp.where(j == q_block, jnp.inf, jnp.where(j < q_block, importance, -jnp.inf))
+    top, chosen = jax.lax.top_k(importance, min(num_selected, num_blocks))  # [B, K, T, n]
+    n = chosen.shape[-1]
+
+    def gather(x):  # [B, S, K, D] -> tokens of the chosen blocks [B, K, T, n * select_block, D]
+        pad = num_blocks * select_block - x.shape[1]
+        x = jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        blocks = jnp.moveaxis(x.reshape(b, num_blocks, select_block, k_heads, -1), 3, 1)  # [B, K, nb, l', D]
+        picked = jnp.take_along_axis(blocks, chosen.reshape(b, k_heads, t * n)[..., None, None], axis=2)
+        return picked.reshape(b, k_heads, t, n * select_block, x.shape[-1])
+
+    keys, values = gather(key), gather(value)
+    positions = (chosen[..., None] * select_block + np.arange(select_block)).reshape(b, k_heads, t, -1)
+    allowed = (positions <= np.arange(t)[:, None]) & jnp.repeat(top > -jnp.inf, select_block, axis=-1)
+    scores = jnp.einsum("BTKGH,BKTXH->BKGTX", q, keys, precision=_HI) * scale
+    probs, _ = masked_softmax(scores, allowed[:, :, None])  # [B, K, G, T, n l']
+    return jnp.einsum("BKGTX,BKTXV->BTKGV", probs, values, precision=_HI)
+
+
+def native_sparse_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    key_cmp: Array,
+    value_cmp: Array,
+    gates: Array,
+    *,
+    compress_block: int,
+    compress_stride: int,
+    select_block: int,
+    num_selected: int,
+    window: int,
+    window_key: Array | None = None,
+    window_value: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """Causal NSA self-attention: gated sum of compressed, top-n selected and sliding-window attention.
+
+    Args:
+      query: ``[B, T, N, H]``.
+      key, value: ``[B, T, K, H]``, ``[B, T, K, Hv]`` for the selected branch (and the window branch).
+      key_cmp, value_cmp: compressed keys/values ``[B, M, K, H]``, ``[B, M, K, Hv]``, one per block of
+        ``compress_block`` positions every ``compress_stride`` (see :func:`compress_blocks`).
+      gates: ``[B, T, N, 3]``, the weights of the compressed, selected and window outputs.
+      compress_block, compress_stride: l and d of the paper (d must divide l).
+      select_block: l', positions per selection block (a multiple of d).
+      num_selected: n, blocks each query attends to in the selected branch.
+      window: keys before ``t`` in the window branch (``t - window .. t``).
+      window_key, window_value: the window branch's own keys/values (the paper's independent branches);
+        default ``key`` and ``value``.
+      scale: defaults to ``1 / sqrt(H)``.
+
+    Returns:
+      ``[B, T, N, Hv]`` in the query dtype. Row ``t`` reads no position after ``t``.
+    """
+    shape = _checks.check_qkv(query, key, value)
+    check_config(compress_block, compress_stride, select_block, num_selected, window)
+    if shape.q_len != shape.kv_len:
+        raise ValueError(f"NSA is causal self-attention: T == S, got T={shape.q_len} and S={shape.kv_len}.")
+    b, t, n, h = query.shape
+    k_heads, g, hv = shape.num_kv_heads, shape.group_size, shape.value_head_dim
+    m = num_compressed_blocks(t, compress_block, compress_stride)
+    if jnp.shape(key_cmp) != (b, m, k_heads, h) or jnp.shape(value_cmp) != (b, m, k_heads, hv):
+        raise ValueError(
+            f"key_cmp and value_cmp must be [B, M, K, H]={[b, m, k_heads, h]} and [B, M, K, Hv]={[b, m, k_heads, hv]}, "
+            f"got {jnp.shape(key_cmp)} and {jnp.shape(value_cmp)}."
+        )
+    if jnp.shape(gates) != (b, t, n, 3):
+        raise ValueError(f"gates must have shape [B, T, N, 3]={[b, t, n, 3]}, got gates.shape={jnp.shape(gates)}.")
+    scale = _checks.check_scale(scale, h)
+    f32 = jnp.float32
+    q = query.astype(f32).reshape(b, t, k_heads, g, h)  # [B, T, K, G, H]
+
+    # Compressed branch: only complete blocks are visible.
+    if m:
+        scores = jnp.einsum("BTKGH,BMKH->BKGTM", q, key_cmp.astype(f32), precision=_HI) * scale
+        visible = np.arange(m)[None, :] * compress_stride + compress_block - 1 <= np.arange(t)[:, None]  # [T, M]
+        p_cmp, _ = masked_softmax(scores, jnp.asarray(visible))  # [B, K, G, T, M]
+        o_cmp = jnp.einsum("BKGTM,BMKV->BTKGV", p_cmp, value_cmp.astype(f32), precision=_HI)
+    else:  # shorter than one compressed block: the branch sees nothing
+        p_cmp = jnp.zeros((b, k_heads, g, t, 0), f32)
+        o_cmp = jnp.zeros((b, t, k_heads, g, hv), f32)
+
+    overlap = selection_overlap(m, compress_block, compress_stride, select_block, t)
+    o_slc = _selected_branch(
+        q,
+        key.astype(f32),
+        value.astype(f32),
+        p_cmp,
+        overlap,
+        select_block=select_block,
+        num_selected=num_selected,
+        scale=scale,
+    )
+
+    window_key = key if window_key is None else window_key
+    window_value = value if window_value is None else window_value
+    o_win = dot_product_attention(
+        query.astype(f32),
+        window_key.astype(f32),
+        window_value.astype(f32),
+        mask=masks.causal() & masks.sliding_window(window),
+        scale=scale,
+    )  # [B, T, N, Hv]
+
+    gates = gates.astype(f32)
+    out = (
+        gates[..., 0:1] * o_cmp.reshape(b, t, n, hv)
+        + gates[..., 1:2] * o_slc.reshape(b, t, n, hv)
+        + gates[..., 2:3] * o_win
+    )
+    return out.astype(query.dtype)
