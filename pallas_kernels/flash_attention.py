@@ -1,0 +1,503 @@
+"""Flash attention in Pallas: forward and backward kernels that skip masked blocks, for GPU and TPU.
+
+``flash_attention(q, k, v, mask=spec)`` computes ``softmax(mask(softcap(scale * q.k + bias))) v``
+exactly, in memory linear in the sequence length, with float32 softmax statistics. Layouts follow
+the library: ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]`` with ``N % K == 0``
+(query head ``n`` reads key/value head ``n // (N // K)``); the ``G = N // K`` heads of a group
+share every loaded K/V tile and dk/dv sum over the group inside the kernel (K/V are never
+repeated in memory).
+
+The mask reaches the kernels as a :class:`~pallas_kernels.mask_info.MaskSpec`: a runtime block
+map (EMPTY tiles are never loaded, FULL tiles run without mask arithmetic, PARTIAL tiles evaluate
+``spec.fn`` on position tiles and per-position data), so causal, sliding-window, chunked, segment,
+padding and arbitrary ``from_fn`` masks all go through one mechanism. Lengths need not be multiples
+of the blocks: inputs are padded and the padding masked internally.
+
+Two kernel bodies sit behind the entry point (``backend``): Triton-style programs that loop over
+their visit list inside the kernel (``_flash_gpu``) and Mosaic grid-pipelined kernels whose K/V
+index maps follow the scalar-prefetched visit list (``_flash_tpu``). Both share the tile math
+(``_flash_tile``) and the visit plans (``_flash_plan``). On CPU the kernels run in interpret mode.
+
+>>> import jax, jax.numpy as jnp
+>>> from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
+>>> q = jax.random.normal(jax.random.key(0), (1, 40, 4, 32))   # [B, T, N, H]
+>>> kv = jax.random.normal(jax.random.key(1), (1, 40, 2, 32))  # [B, S, K, H]: GQA, G = 2
+>>> out, lse = flash_attention(q, kv, kv, return_lse=True, block_sizes=BlockSizes(block_q=32, block_k=16))
+>>> ref, ref_lse = flash_attention_reference(q, kv, kv)
+>>> bool(jnp.allclose(out, ref, atol=1e-5)), out.shape, lse.shape
+(True, (1, 40, 4, 32), (1, 4, 40))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+
+from pallas_kernels import _flash_gpu, _flash_plan, _flash_tpu
+from pallas_kernels._flash_plan import Geometry, Plan
+from pallas_kernels._flash_tile import LOG2E, TileMath
+from pallas_kernels.mask_info import MaskSpec
+
+Array = jax.Array
+BACKENDS = ("gpu", "tpu")
+
+__all__ = [
+    "BlockSizes",
+    "flash_attention",
+    "flash_forward",
+    "flash_backward",
+    "flash_attention_reference",
+    "mask_block_shape",
+    "resolve_backend",
+]
+
+
+# -- block sizes -----------------------------------------------------------------------------------
+
+
+def _is_power_of_2(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and launch parameters of the three kernels (forward, dk/dv, dq).
+
+    ``block_q*`` count *rows*: query positions times the ``G`` heads of a group (a forward tile of
+    128 rows holds 64 positions of 2 heads under GQA with G = 2). ``block_k*`` count keys. All are
+    powers of two >= 16; each is clamped to the (padded) problem, so any size works for any length.
+    ``num_warps``/``num_stages`` tune the Triton forward kernel (``*_bwd``: both backward kernels);
+    ``None`` warps picks by head dim. The TPU body ignores them.
+
+    >>> BlockSizes(block_q=48)
+    Traceback (most recent call last):
+    ...
+    ValueError: block_q must be a power of two >= 16, got block_q=48.
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_dkv: int = 64
+    block_k_dkv: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 64
+    num_warps: int | None = None
+    num_stages: int = 2
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+            value = getattr(self, name)
+            if not _is_power_of_2(value) or value < _flash_plan.MIN_BLOCK:
+                raise ValueError(f"{name} must be a power of two >= {_flash_plan.MIN_BLOCK}, got {name}={value!r}.")
+        for name in ("num_warps", "num_warps_bwd"):
+            value = getattr(self, name)
+            if value is not None and (not _is_power_of_2(value) or value > 16):
+                raise ValueError(f"{name} must be None or a power of two <= 16, got {name}={value!r}.")
+        for name in ("num_stages", "num_stages_bwd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
+
+    @classmethod
+    def for_backend(cls, backend: str, head_dim: int = 128) -> BlockSizes:
+        """Defaults per backend and head dim (the starting point for tuning on the hardware).
+
+        GPU: the fastest of a sweep on an H100 (bf16, B=2, N=16, T=8192; forward 313 / 403 / 397
+        TFLOP/s at H = 64 / 128 / 256; backward configurations for H=256 not swept yet).
+        TPU: lane-aligned (multiples of 128) tiles for the MXU, not yet measured on a TPU.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend=!r}.")
+        if backend == "tpu":
+            return cls(512, 512, 256, 256, 256, 256)
+        if head_dim <= 64:
+            return cls(64, 128, 64, 64, 64, 64, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)
+        if head_dim <= 128:
+            return cls(128, 64, 64, 64, 64, 64, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=3)
+        return cls(128, 64, 32, 32, 32, 32, num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=1)
+
+    def warps(self, kernel: str, head_dim: int) -> int:
+        value = self.num_warps if kernel == "fwd" else self.num_warps_bwd
+        if value is not None:
+            return value
+        return 4 if head_dim <= 64 else 8
+
+
+def resolve_backend(backend: str | None = None, interpret: bool | None = None) -> tuple[str, bool]:
+    """``(body, interpret)``: the kernel body to run and whether to interpret it.
+
+    ``backend=None`` follows ``jax.default_backend()`` (CPU runs the GPU body in the interpreter);
+    ``interpret=None`` interprets exactly when the default backend is the CPU.
+    """
+    platform = jax.default_backend()
+    if backend is None:
+        backend = "tpu" if platform == "tpu" else "gpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend=!r}.")
+    if interpret is None:
+        interpret = platform == "cpu"
+    return backend, bool(interpret)
+
+
+# -- static configuration --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    geom: Geometry
+    block_sizes: BlockSizes
+    tile_math: TileMath
+    backend: str
+    interpret_mode: bool
+
+    @property
+    def interpret(self):
+        """The ``interpret`` argument of ``pallas_call`` for this body."""
+        if not self.interpret_mode:
+            return False
+        return _flash_tpu.interpret_params() if self.backend == "tpu" else True
+
+    @property
+    def body(self):
+        return _flash_tpu if self.backend == "tpu" else _flash_gpu
+
+
+def _check_inputs(q, k, v, bias):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"{name} must have rank 4 ([B, T, N, H] / [B, S, K, H]), got {name}.shape={jnp.shape(x)}.")
+    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q, k and v must share a floating dtype, got {q.dtype}, {k.dtype} and {v.dtype}.")
+    b, t, n, h = q.shape
+    if k.shape[0] != b or v.shape[0] != b or k.shape[:3] != v.shape[:3] or k.shape[-1] != h:
+        raise ValueError(
+            f"expected q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv]; got {q.shape=}, {k.shape=}, {v.shape=}."
+        )
+    if n % k.shape[2]:
+        raise ValueError(f"query heads N={n} must be a multiple of key/value heads K={k.shape[2]}.")
+    if bias is not None:
+        target = (b, n, t, k.shape[1])
+        shape = jnp.shape(bias)
+        if len(shape) > 4 or any(d not in (1, e) for d, e in zip(shape[::-1], target[::-1])):
+            raise ValueError(f"bias must be broadcastable to [B, N, T, S]={list(target)}, got {bias.shape=}.")
+
+
+def _static_float(name: str, value, default=None):
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"{name} must be a Python number for the Pallas kernels, got a traced {name}.") from None
+
+
+def _prepare(q, k, v, *, mask, scale, softcap, bias, block_sizes, backend, interpret) -> tuple[_Config, Plan]:
+    """Validate a call and derive its static configuration and runtime visit plan."""
+    _check_inputs(q, k, v, bias)
+    if mask is not None and not isinstance(mask, MaskSpec):
+        raise TypeError(f"mask must be a pallas_kernels.mask_info.MaskSpec or None, got {type(mask).__name__}.")
+    backend, interpret = resolve_backend(backend, interpret)
+    if block_sizes is None:
+        block_sizes = BlockSizes.for_backend(backend, head_dim=q.shape[-1])
+    if not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}.")
+    softcap = _static_float("softcap", softcap)
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap=}.")
+    geom = _flash_plan.make_geometry(q.shape, k.shape, v.shape, block_sizes, pad_head_dims=backend == "gpu")
+    tile_math = TileMath(
+        scale=_static_float("scale", scale, 1.0 / q.shape[-1] ** 0.5),
+        softcap=softcap,
+        mask_fn=None if mask is None else mask.fn,
+        kv_len=geom.kv_len,
+        f32_inputs=jnp.dtype(q.dtype) == jnp.float32,
+    )
+    cfg = _Config(geom, block_sizes, tile_math, backend, interpret)
+    return cfg, _flash_plan.make_plan(mask, geom)
+
+
+def mask_block_shape(block_sizes: BlockSizes, q_len: int, kv_len: int, group: int = 1) -> tuple[int, int]:
+    """``(block_q, block_k)`` to build a MaskSpec with, so that every kernel tile is a union of mask tiles.
+
+    The kernels accept a MaskSpec of any tile size, but resampling a coarser map to finer tiles
+    can only keep PARTIAL tiles PARTIAL; a map at this granularity skips exactly.
+
+    >>> mask_block_shape(BlockSizes(block_q=128, block_q_dkv=64, block_q_dq=64), 1024, 1024, group=2)
+    (32, 64)
+    """
+    geom = _flash_plan.make_geometry(
+        (1, q_len, group, 1), (1, kv_len, 1, 1), (1, kv_len, 1, 1), block_sizes, pad_head_dims=False
+    )
+    rows = min(geom.fwd[0], geom.dkv[0], geom.dq[0])
+    block_q = max(1, rows // group)
+    block_q = 1 << (block_q.bit_length() - 1)  # a power of two: row tiles of G-indivisible sizes stay close
+    return block_q, min(geom.fwd[1], geom.dkv[1], geom.dq[1])
+
+
+# -- layouts: [B, T, N, H] <-> rows [B, Rp, K, H] (row r = t * G + g) ------------------------------
+
+
+def _to_rows(x: Array, geom: Geometry, dim_padded: int) -> Array:
+    b, t, _, d = x.shape
+    kh, g = geom.num_kv_heads, geom.group
+    if g > 1:
+        x = x.reshape(b, t, kh, g, d).swapaxes(2, 3).reshape(b, t * g, kh, d)  # [B, T*G, K, D]
+    return jnp.pad(x, ((0, 0), (0, geom.rows_padded - geom.rows), (0, 0), (0, dim_padded - d)))
+
+
+def _from_rows(x: Array, geom: Geometry, dim: int) -> Array:
+    b = x.shape[0]
+    t, kh, g = geom.q_len, geom.num_kv_heads, geom.group
+    x = x[:, : geom.rows, :, :dim]
+    if g > 1:
+        x = x.reshape(b, t, g, kh, dim).swapaxes(2, 3)  # [B, T, K, G, D]
+    return x.reshape(b, t, kh * g, dim)
+
+
+def _stat_to_rows(x: Array, geom: Geometry) -> Array:
+    """``[B, N, T]`` -> ``[B, K, Rp]``."""
+    b = x.shape[0]
+    t, kh, g = geom.q_len, geom.num_kv_heads, geom.group
+    x = x.reshape(b, kh, g, t).swapaxes(2, 3).reshape(b, kh, t * g)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, geom.rows_padded - geom.rows)))
+
+
+def _stat_from_rows(x: Array, geom: Geometry) -> Array:
+    """``[B, K, Rp]`` -> ``[B, N, T]``."""
+    b = x.shape[0]
+    t, kh, g = geom.q_len, geom.num_kv_heads, geom.group
+    return x[:, :, : geom.rows].reshape(b, kh, t, g).swapaxes(2, 3).reshape(b, kh * g, t)
+
+
+def _pad_kv(x: Array, geom: Geometry, dim_padded: int) -> Array:
+    s, d = x.shape[1], x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, geom.kv_padded - s), (0, 0), (0, dim_padded - d)))
+
+
+def _bias_to_rows(bias: Array, geom: Geometry) -> Array:
+    """Bias broadcastable to ``[B, N, T, S]`` -> ``[Bb, Rp, Kb, Sp]`` (Bb in {1, B}, Kb in {1, K})."""
+    bias = jnp.asarray(bias)
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    bb, nb = bias.shape[:2]
+    t, s, kh, g = geom.q_len, geom.kv_len, geom.num_kv_heads, geom.group
+    bias = jnp.broadcast_to(bias, (bb, nb, t, s))
+    if nb == 1:  # shared by all heads: one copy per row of the group
+        bias = jnp.broadcast_to(bias[:, 0, :, None, None, :], (bb, t, g, 1, s)).reshape(bb, t * g, 1, s)
+    else:
+        bias = bias.reshape(bb, kh, g, t, s).transpose(0, 3, 2, 1, 4).reshape(bb, t * g, kh, s)
+    return jnp.pad(bias, ((0, 0), (0, geom.rows_padded - geom.rows), (0, 0), (0, geom.kv_padded - s)))
+
+
+def _kernel_inputs(cfg: _Config, q, k, v, bias):
+    g = cfg.geom
+    return (
+        _to_rows(q, g, g.head_dim_padded),
+        _pad_kv(k, g, g.head_dim_padded),
+        _pad_kv(v, g, g.value_head_dim_padded),
+        None if bias is None else _bias_to_rows(bias, g),
+    )
+
+
+# -- the differentiable core (kernel layouts) ------------------------------------------------------
+
+
+def _backward_rows(cfg: _Config, q, k, v, bias, plan: Plan, lse, delta, do, with_dbias: bool, grad_dtype=None):
+    """dq, dk, dv (and dbias ``[B, Rp, K, Sp]`` float32) in kernel layouts from the global statistics."""
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)  # rows that see nothing get p = 0
+    delta = jnp.where(jnp.isfinite(lse), delta, 0.0)
+    dq, dbias = cfg.body.backward_dq(cfg, q, k, v, bias, do, lse2, delta, plan, with_dbias, grad_dtype)
+    dk, dv = cfg.body.backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype)
+    return dq, dk, dv, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_rows(cfg: _Config, q, k, v, bias, plan):
+    return cfg.body.forward(cfg, q, k, v, bias, plan, q.dtype)
+
+
+def _unwrap(x):
+    return jax.tree.map(lambda p: p.value, x, is_leaf=lambda p: isinstance(p, CustomVJPPrimal))
+
+
+def _attention_rows_fwd(cfg: _Config, q, k, v, bias, plan):
+    bias_perturbed = bias is not None and bias.perturbed
+    q, k, v, bias, plan = _unwrap((q, k, v, bias, plan))
+    out, lse = cfg.body.forward(cfg, q, k, v, bias, plan, q.dtype)
+    # The shape of this marker carries a static flag to the backward: compute dbias or not.
+    wants_dbias = jnp.zeros((int(bias_perturbed),), jnp.int8)
+    return (out, lse), (q, k, v, bias, plan, out, lse, wants_dbias)
+
+
+def _attention_rows_bwd(cfg: _Config, residuals, cotangents):
+    q, k, v, bias, plan, out, lse, wants_dbias = residuals
+    dout, dlse = cotangents
+    if isinstance(dout, SymbolicZero):
+        dout = jnp.zeros(out.shape, out.dtype)
+    # delta = rowsum(out * dout); a cotangent on the logsumexp adds p * dlse to ds: delta -= dlse.
+    delta = jnp.einsum(
+        "BRKD,BRKD->BKR", out.astype(jnp.float32), dout.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    if not isinstance(dlse, SymbolicZero):
+        delta = delta - dlse
+    with_dbias = wants_dbias.shape[0] == 1
+    dq, dk, dv, dbias = _backward_rows(cfg, q, k, v, bias, plan, lse, delta, dout.astype(q.dtype), with_dbias)
+    if with_dbias:  # sum over the dims the bias broadcasts along
+        dbias = dbias.sum(axis=tuple(a for a in (0, 2) if bias.shape[a] == 1), keepdims=True).astype(bias.dtype)
+    return dq, dk, dv, dbias, None
+
+
+_attention_rows.defvjp(_attention_rows_fwd, _attention_rows_bwd, symbolic_zeros=True)
+
+
+# -- public API ------------------------------------------------------------------------------------
+
+
+def flash_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: MaskSpec | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    bias: Array | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Differentiable flash attention (forward, dq and dk/dv kernels behind one ``custom_vjp``).
+
+    Args:
+      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]`` (one floating dtype).
+      mask: a :class:`~pallas_kernels.mask_info.MaskSpec` for ``[T, S]`` (any ``block_q/block_k``:
+        its map is resampled to each kernel's tiles), or None for no mask. Its ``block_map`` may be
+        ``[nq, nk]`` or per batch ``[B, nq, nk]``.
+      scale: multiplies ``q.k`` (default ``1/sqrt(H)``); softcap: ``c * tanh(s / c)`` after bias.
+      bias: additive, broadcastable to ``[B, N, T, S]``; differentiable.
+      block_sizes: tiles and launch parameters (default ``BlockSizes.for_backend(backend, H)``).
+      interpret: None interprets on CPU only; True forces the interpreter of the chosen body.
+      return_lse: also return the logsumexp ``[B, N, T]`` float32 (differentiable too).
+      backend: ``"gpu"`` (Triton body), ``"tpu"`` (Mosaic body) or None (the default backend's).
+
+    Returns:
+      ``out [B, T, N, Hv]`` in ``q.dtype`` (and ``lse``). Rows that see no key give zeros,
+      ``lse = -inf`` and zero gradients.
+    """
+    cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
+                         backend=backend, interpret=interpret)  # fmt: skip
+    out, lse = _attention_rows(cfg, *_kernel_inputs(cfg, q, k, v, bias), plan)
+    out = _from_rows(out, cfg.geom, cfg.geom.value_head_dim)
+    return (out, _stat_from_rows(lse, cfg.geom)) if return_lse else out
+
+
+def flash_forward(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: MaskSpec | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    bias: Array | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+    backend: str | None = None,
+    out_dtype=None,
+) -> tuple[Array, Array]:
+    """The forward kernel alone (not differentiable): ``(out [B, T, N, Hv], lse [B, N, T])``.
+
+    The block step of ring attention: ``out`` is normalised by this call's own ``lse`` and comes
+    back in ``out_dtype`` (default ``q.dtype``; float32 keeps the ring's merge exact).
+    """
+    cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
+                         backend=backend, interpret=interpret)  # fmt: skip
+    q_, k_, v_, bias_ = _kernel_inputs(cfg, q, k, v, bias)
+    out, lse = cfg.body.forward(cfg, q_, k_, v_, bias_, plan, jnp.dtype(out_dtype or q.dtype))
+    return _from_rows(out, cfg.geom, cfg.geom.value_head_dim), _stat_from_rows(lse, cfg.geom)
+
+
+def flash_backward(
+    q: Array,
+    k: Array,
+    v: Array,
+    lse: Array,
+    delta: Array,
+    dout: Array,
+    *,
+    mask: MaskSpec | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    bias: Array | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+    backend: str | None = None,
+    grad_dtype=None,
+) -> tuple[Array, Array, Array]:
+    """The backward kernels alone: ``(dq, dk, dv)`` of one ``(q, k/v)`` block given global statistics.
+
+    ``lse [B, N, T]`` is the logsumexp of the *whole* attention the block is part of and
+    ``delta [B, N, T] = rowsum(out * dout) - dlse`` with the whole output, so the returned
+    gradients are this block's exact contributions (ring attention sums them over blocks). They
+    come back in ``grad_dtype`` (default: the input dtypes; float32 keeps a ring's sum exact).
+    """
+    cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
+                         backend=backend, interpret=interpret)  # fmt: skip
+    g = cfg.geom
+    q_, k_, v_, bias_ = _kernel_inputs(cfg, q, k, v, bias)
+    do = _to_rows(dout.astype(q.dtype), g, g.value_head_dim_padded)
+    lse_rows = _stat_to_rows(lse.astype(jnp.float32), g)
+    delta_rows = _stat_to_rows(delta.astype(jnp.float32), g)
+    dq, dk, dv, _ = _backward_rows(cfg, q_, k_, v_, bias_, plan, lse_rows, delta_rows, do, False, grad_dtype)
+    dk, dv = dk[:, : g.kv_len, :, : g.head_dim], dv[:, : g.kv_len, :, : g.value_head_dim]
+    return _from_rows(dq, g, g.head_dim), dk, dv
+
+
+# -- reference -------------------------------------------------------------------------------------
+
+
+def dense_mask(spec: MaskSpec | None, batch: int, q_len: int, kv_len: int) -> Array | None:
+    """``spec`` evaluated on every (query, key) pair: bool ``[Bm, 1, T, S]`` (None: no mask)."""
+    if spec is None or spec.fn is None:
+        return None
+    q_pos = jnp.asarray(spec.q_positions, jnp.int32)[:, None]
+    kv_pos = jnp.asarray(spec.kv_positions, jnp.int32)[None, :]
+    q_vals = tuple(jnp.asarray(x)[:, :, None] for x in spec.q_vals)  # [B, T, 1]
+    kv_vals = tuple(jnp.asarray(x)[:, None, :] for x in spec.kv_vals)  # [B, 1, S]
+    visible = spec.fn(q_pos, kv_pos, q_vals, kv_vals)
+    lead = batch if q_vals or kv_vals else 1
+    return jnp.broadcast_to(visible, (lead, q_len, kv_len))[:, None]
+
+
+def flash_attention_reference(q, k, v, *, mask: MaskSpec | None = None, scale=None, softcap=None, bias=None):
+    """The kernels' math in plain ``jnp`` with float32 scores: ``(out [B, T, N, Hv], lse [B, N, T])``."""
+    b, t, n, h = q.shape
+    s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
+    g = n // kh
+    scale = 1.0 / h**0.5 if scale is None else scale
+    qf = q.astype(jnp.float32).reshape(b, t, kh, g, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qf, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    scores = scores.reshape(b, n, t, s) * scale  # [B, N, T, S]
+    if bias is not None:
+        scores = scores + jnp.asarray(bias, jnp.float32)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    visible = dense_mask(mask, b, t, s)
+    if visible is not None:
+        scores = jnp.where(visible, scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    p = jnp.exp(scores - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    lse = jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf)[..., 0]
+    probs = (p / safe).reshape(b, kh, g, t, s)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(b, t, n, hv).astype(q.dtype), lse

@@ -1,0 +1,71 @@
+"""The flash kernels lower for GPU (Triton) and TPU (Mosaic) on this CPU-only machine.
+
+``jax.jit(f).trace(...).lower(lowering_platforms=(platform,))`` runs the Pallas lowering of each
+kernel body to Triton IR or Mosaic MLIR, forward and backward, so a construct either backend cannot
+express fails here rather than on the accelerator. (Compiling the lowered kernels needs the device.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from attention_jax import masks
+from pallas_kernels.flash_attention import BlockSizes, flash_attention, mask_block_shape
+
+B, N, K = 1, 4, 2  # GQA: two query heads per key/value head
+T, S = 512, 488  # S is not a multiple of the blocks: the padded key tile is masked
+
+
+def _mask(kind: str, seg_q, seg_kv):
+    if kind == "causal":
+        return masks.causal(offset=S - T)
+    return masks.segments(seg_q, seg_kv) & masks.sliding_window(200)
+
+
+def _lower(platform: str, head_dim: int, kind: str, *, bias: bool = False, softcap=None):
+    backend = "tpu" if platform == "tpu" else "gpu"
+    bf16 = jnp.bfloat16
+    args = (
+        jax.ShapeDtypeStruct((B, T, N, head_dim), bf16),
+        jax.ShapeDtypeStruct((B, S, K, head_dim), bf16),
+        jax.ShapeDtypeStruct((B, S, K, head_dim), bf16),
+        jax.ShapeDtypeStruct((1, N, T, S), jnp.float32) if bias else None,
+        jax.ShapeDtypeStruct((B, T), jnp.int32),
+        jax.ShapeDtypeStruct((B, S), jnp.int32),
+    )
+    block_sizes = BlockSizes.for_backend(backend, head_dim)
+
+    def attention(q, k, v, bias, seg_q, seg_kv):
+        spec = _mask(kind, seg_q, seg_kv).spec(T, S, *mask_block_shape(block_sizes, T, S, group=N // K))
+        return flash_attention(
+            q, k, v, mask=spec, bias=bias, softcap=softcap, block_sizes=block_sizes, interpret=False, backend=backend
+        )
+
+    def loss(*args):
+        return attention(*args).astype(jnp.float32).sum()
+
+    forward = jax.jit(attention).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    argnums = (0, 1, 2, 3) if bias else (0, 1, 2)
+    backward = jax.jit(jax.grad(loss, argnums=argnums)).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    return forward, backward
+
+
+CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("kind", ["causal", "segments"])
+def test_forward_and_backward_lower(platform, head_dim, kind):
+    forward, backward = _lower(platform, head_dim, kind)
+    assert forward.count(CALL[platform]) == 1  # the forward kernel
+    assert backward.count(CALL[platform]) == 3  # forward (residuals), dq, dk/dv
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_bias_softcap_and_odd_head_dim_lower(platform):
+    forward, backward = _lower(platform, 96, "causal", bias=True, softcap=30.0)
+    assert forward.count(CALL[platform]) == 1
+    assert backward.count(CALL[platform]) == 3
