@@ -1,5 +1,7 @@
 """Pallas kernels for attention (floor 1: imports jax only, never attention_jax)."""
 
-from pallas_kernels import mask_info
+from pallas_kernels import layouts, mask_info
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.ring_attention import ring_attention
 
-__all__ = ["mask_info"]
+__all__ = ["BlockSizes", "flash_attention", "layouts", "mask_info", "ring_attention"]
