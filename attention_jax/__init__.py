@@ -5,11 +5,29 @@
 >>> x = jnp.ones((1, 4, 2, 8))
 >>> aj.dot_product_attention(x, x, x, mask=aj.masks.causal()).shape
 (1, 4, 2, 8)
+
+Submodules: ``masks``, ``score_mods``, ``positional``, ``functional`` (every variant as a pure
+function), ``nn`` (Flax NNX modules), ``cache`` (KV caches), ``sparse_patterns`` (Longformer,
+BigBird, Sparse Transformer masks), ``explain`` (attention maps; imported on demand).
 """
 
-from attention_jax import masks, positional, score_mods
+from attention_jax import cache, functional, masks, nn, positional, score_mods, sparse_patterns
+from attention_jax.distributed import sequence_parallel_attention
 from attention_jax.functional import attention_weights, dot_product_attention
+from attention_jax.generate import generate
 
 __version__ = "0.1.0"
 
-__all__ = ["dot_product_attention", "attention_weights", "masks", "positional", "score_mods"]
+__all__ = [
+    "attention_weights",
+    "cache",
+    "dot_product_attention",
+    "functional",
+    "generate",
+    "masks",
+    "nn",
+    "positional",
+    "score_mods",
+    "sequence_parallel_attention",
+    "sparse_patterns",
+]

@@ -31,15 +31,12 @@ def dense_mask(mask: masks_lib.Mask | Array | None, shape: _checks.AttentionShap
     return mask
 
 
-def _check_offsets(mask, q_offset, kv_offset):
+def _check_offsets(q_offset, kv_offset):
     for name, value in (("q_offset", q_offset), ("kv_offset", kv_offset)):
         if jnp.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
-    if not isinstance(mask, masks_lib.Mask) or isinstance(q_offset, int) and isinstance(kv_offset, int):
-        return
-    # Masks materialise from static positions; traced offsets are for score mods and kernels.
-    if isinstance(q_offset, jax.core.Tracer) or isinstance(kv_offset, jax.core.Tracer):
-        raise ValueError("q_offset and kv_offset must be Python ints when mask is a Mask on the reference path.")
+        if not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+            raise ValueError(f"{name} must be an integer, got dtype {jnp.result_type(value)}.")
 
 
 def dot_product_attention(
@@ -93,10 +90,10 @@ def dot_product_attention(
     softcap = _checks.check_softcap(softcap)
     if bias is not None:
         _checks.check_broadcastable("bias", bias, shape)
-    _check_offsets(mask, q_offset, kv_offset)
+    _check_offsets(q_offset, kv_offset)
 
     if implementation is None:
-        implementation = choose_implementation(shape, mask=mask, bias=bias, score_mod=score_mod)
+        implementation = choose_implementation(shape, mask=mask, bias=bias, score_mod=score_mod, softcap=softcap)
     run = _implementation(implementation)
     if implementation == "reference":
         mask = dense_mask(mask, shape, q_offset, kv_offset)
@@ -141,9 +138,24 @@ def _implementation(name: str):
     return module.attention
 
 
-def choose_implementation(shape: _checks.AttentionShape, *, mask=None, bias=None, score_mod=None) -> str:
-    """What ``implementation=None`` runs for a call of this shape on the default backend."""
-    return "reference"
+def choose_implementation(shape: _checks.AttentionShape, *, mask=None, bias=None, score_mod=None, softcap=None) -> str:
+    """What ``implementation=None`` runs for a call of this shape on the default backend.
+
+    GPU/TPU: the Pallas kernels, unless the call needs what they lack (a score mod, or a boolean
+    array mask together with softcap), then the blockwise path. CPU: the reference for tiny
+    problems, where one fused dense computation beats any loop, else the blockwise path.
+    """
+    if jax.default_backend() in ("gpu", "tpu"):
+        array_mask = mask is not None and not isinstance(mask, masks_lib.Mask)
+        if score_mod is None and not (array_mask and softcap is not None):
+            return "pallas"
+        return "blockwise"
+    return "reference" if shape.q_len * shape.kv_len <= _REFERENCE_MAX_SCORES else "blockwise"
+
+
+# Below this many scores per (batch, head) the dense reference compiles faster and runs about as
+# fast; from T = S = 256 the blockwise path is already 2x faster on CPU (benchmarks/RESULTS.md).
+_REFERENCE_MAX_SCORES = 128 * 128
 
 
 def attention_weights(
@@ -168,7 +180,7 @@ def attention_weights(
     softcap = _checks.check_softcap(softcap)
     if bias is not None:
         _checks.check_broadcastable("bias", bias, shape)
-    _check_offsets(mask, q_offset, kv_offset)
+    _check_offsets(q_offset, kv_offset)
     return reference.attention_weights(
         query,
         key,

@@ -1,6 +1,6 @@
 """Flax NNX attention modules: thin shells (parameters) over the functional ops.
 
-Every attention module takes keyword-only configuration and ``rngs``, is called as
+Every transformer attention module takes keyword-only configuration and ``rngs``, is called as
 ``layer(x, *, mask=None, positions=None, lengths=None, cache=None, deterministic=None)`` and
 returns ``y``, or ``(y, cache)`` when given a cache from ``layer.init_cache(batch, max_length)``.
 The transformer stacks accept any module following that protocol (see ``blocks.AttentionFactory``).
@@ -10,31 +10,16 @@ Attention weights can be recorded without changing model code: see ``record_atte
 from attention_jax.nn.blocks import AttentionFactory, FeedForward, TransformerBlock
 from attention_jax.nn.differential import DifferentialAttention
 from attention_jax.nn.latent import MultiHeadLatentAttention
+from attention_jax.nn.linear import FastWeightProgrammer, LinearAttention, Performer
+from attention_jax.nn.lowrank import Linformer, Nystromformer
 from attention_jax.nn.multi_head import MultiHeadAttention
+from attention_jax.nn.nsa import NativeSparseAttention
+from attention_jax.nn.positional_attention import PositionalAttention
 from attention_jax.nn.recording import record_attention_weights
+from attention_jax.nn.recurrent import AdditiveAttention, LuongAttention, Seq2SeqWithAttention
+from attention_jax.nn.sparse import BigBirdAttention, LongformerAttention, SparseTransformerAttention
 from attention_jax.nn.transformer import TransformerDecoder, TransformerEncoder, TransformerLM
-
-__all__ = [
-    "AttentionFactory",
-    "DifferentialAttention",
-    "FeedForward",
-    "MultiHeadAttention",
-    "MultiHeadLatentAttention",
-    "TransformerBlock",
-    "TransformerDecoder",
-    "TransformerEncoder",
-    "TransformerLM",
-    "record_attention_weights",
-]
-
-# --- variants (issue 6) ---
-from attention_jax.nn.linear import FastWeightProgrammer, LinearAttention, Performer  # noqa: E402
-from attention_jax.nn.lowrank import Linformer, Nystromformer  # noqa: E402
-from attention_jax.nn.nsa import NativeSparseAttention  # noqa: E402
-from attention_jax.nn.positional_attention import PositionalAttention  # noqa: E402
-from attention_jax.nn.recurrent import AdditiveAttention, LuongAttention, Seq2SeqWithAttention  # noqa: E402
-from attention_jax.nn.sparse import BigBirdAttention, LongformerAttention, SparseTransformerAttention  # noqa: E402
-from attention_jax.nn.vision import (  # noqa: E402
+from attention_jax.nn.vision import (
     CBAM,
     EfficientChannelAttention,
     PatchEmbedding,
@@ -43,16 +28,21 @@ from attention_jax.nn.vision import (  # noqa: E402
     VisionTransformer,
 )
 
-__all__ += [
+__all__ = [
     "AdditiveAttention",
+    "AttentionFactory",
     "BigBirdAttention",
     "CBAM",
+    "DifferentialAttention",
     "EfficientChannelAttention",
     "FastWeightProgrammer",
+    "FeedForward",
     "LinearAttention",
     "Linformer",
     "LongformerAttention",
     "LuongAttention",
+    "MultiHeadAttention",
+    "MultiHeadLatentAttention",
     "NativeSparseAttention",
     "Nystromformer",
     "PatchEmbedding",
@@ -62,5 +52,10 @@ __all__ += [
     "SparseTransformerAttention",
     "SpatialAttention",
     "SqueezeExcitation",
+    "TransformerBlock",
+    "TransformerDecoder",
+    "TransformerEncoder",
+    "TransformerLM",
     "VisionTransformer",
+    "record_attention_weights",
 ]
