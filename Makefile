@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/train_lm.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,83 @@
+"""The examples run in their small modes and write what they promise (the full runs are marked slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, timeout: int = 300) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_train_lm_tiny_then_resume(tmp_path):
+    out = run("train_lm.py", "--tiny", "--out-dir", str(tmp_path))
+    run_dir = tmp_path / "train_lm" / "mha"
+    for name in ("loss.png", "attention.png", "metrics.json", "checkpoint.npz"):
+        assert (run_dir / name).stat().st_size > 0, name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 30 and 0.0 <= metrics["accuracy"] <= 1.0 and metrics["final_loss"] < 10
+    assert "held-out recall accuracy" in out
+
+    out = run("train_lm.py", "--tiny", "--steps", "40", "--resume", "--out-dir", str(tmp_path))
+    assert "resumed from" in out and "at step 30" in out
+    assert json.loads((run_dir / "metrics.json").read_text())["step"] == 40
+
+
+@pytest.mark.slow
+def test_train_lm_compare_tiny(tmp_path):
+    out = run("train_lm.py", "--tiny", "--compare", "--variants", "mha,gqa,sliding", "--out-dir", str(tmp_path))
+    rows = json.loads((tmp_path / "train_lm_compare.json").read_text())
+    assert [r["variant"] for r in rows] == ["mha", "gqa", "sliding"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["ms_per_step"] > 0 for r in rows)
+    assert "| variant" in out
+
+
+def test_seq2seq_alignment_small(tmp_path):
+    run("seq2seq_alignment.py", "--steps", "30", "--max-length", "6", "--out-dir", str(tmp_path))
+    out_dir = tmp_path / "seq2seq_alignment"
+    assert (out_dir / "alignment_additive.png").stat().st_size > 0
+    assert 0.0 <= json.loads((out_dir / "metrics_additive.json").read_text())["accuracy"] <= 1.0
+
+
+def test_vit_digits_small(tmp_path):
+    run("vit_digits.py", "--epochs", "1", "--depth", "2", "--num-images", "2", "--out-dir", str(tmp_path))
+    out_dir = tmp_path / "vit_digits"
+    for name in ("rollout.png", "flow.png", "relevance.png", "grad_cam.png", "heads.png"):
+        assert (out_dir / name).stat().st_size > 0, name
+    assert json.loads((out_dir / "metrics.json").read_text())["test_accuracy"] > 0.1  # above chance already
+
+
+def test_generate_every_cache_kind(tmp_path):
+    run("generate.py", "--batch-size", "2", "--prompt-length", "12", "--new-tokens", "5", "--features", "32",
+        "--num-layers", "2", "--num-heads", "4", "--window", "4", "--repeats", "1", "--kinds",
+        "dense,rolling,paged,dense-int8", "--out-dir", str(tmp_path))
+    rows = {r["cache"]: r for r in json.loads((tmp_path / "generate" / "metrics.json").read_text())}
+    assert set(rows) == {"dense", "rolling", "paged", "dense-int8"}
+    for name in ("dense", "rolling", "paged"):  # exact caches reproduce the library's greedy tokens
+        assert rows[name]["same_as_generate"] == 1.0, name
+    assert rows["dense-int8"]["cache_mib"] < rows["dense"]["cache_mib"]
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_train_lm_default_learns_recall(tmp_path):
+    run("train_lm.py", "--out-dir", str(tmp_path), timeout=800)
+    assert json.loads((tmp_path / "train_lm" / "mha" / "metrics.json").read_text())["accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_vit_digits_reaches_95_percent(tmp_path):
+    run("vit_digits.py", "--out-dir", str(tmp_path), timeout=800)
+    assert json.loads((tmp_path / "vit_digits" / "metrics.json").read_text())["test_accuracy"] >= 0.95
