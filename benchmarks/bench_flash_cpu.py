@@ -122,17 +122,25 @@ def child(spec: dict) -> dict:
     import jax
     import numpy as np
 
-    t, kv_heads = spec["t"], spec["k"]
-    rng = np.random.default_rng(0)
-    arrays = [
-        rng.standard_normal(s, dtype=np.float32) for s in [(B, t, N, H), (B, t, kv_heads, H), (B, t, kv_heads, H)]
-    ]
-    arrays.append(rng.standard_normal((B, t, N, H), dtype=np.float32))  # the output cotangent
-    jax_arrays = [jax.device_put(a) for a in arrays]
+    kv_heads = spec["k"]
+    keep_numpy = any(item["impl"] == "torch" for item in spec["items"])
+    inputs = {}  # length -> (numpy arrays (for torch), jax arrays); an item may name its own length "t"
+    for t in sorted({item.get("t", spec["t"]) for item in spec["items"]}):
+        rng = np.random.default_rng(0)
+        shapes = [(B, t, N, H), (B, t, kv_heads, H), (B, t, kv_heads, H), (B, t, N, H)]  # q, k, v, output cotangent
+        arrays, jax_arrays = [], []
+        for shape in shapes:  # one at a time, so that a numpy copy never doubles the inputs' memory
+            a = rng.standard_normal(shape, dtype=np.float32)
+            jax_arrays.append(jax.block_until_ready(jax.device_put(a)))
+            if keep_numpy:
+                arrays.append(a)
+            del a
+        inputs[t] = (arrays, jax_arrays)
     base = peak_rss_mb()
     calls = []
     for item in spec["items"]:
         impl, mode = item["impl"], item["mode"]
+        arrays, jax_arrays = inputs[item.get("t", spec["t"])]
         if impl == "torch":
             calls.append(_torch_callable(mode, spec["mask"], spec["window"], arrays))
         else:
@@ -209,16 +217,20 @@ def causal_section(t, have_torch, repeats) -> tuple[list[str], dict]:
 def window_section(ts, have_torch, repeats, window=512) -> tuple[list[str], dict]:
     rows, ours = [], {}
     peer_t = ts[0]
+    # Ours at every length in one process, interleaved: the growth ratio is not skewed by load changes.
+    items = [{"impl": "blockwise", "mode": m, "t": t} for t in ts for m in ("fwd", "fwd_bwd")]
+    if have_torch:
+        items.append({"impl": "torch", "mode": "fwd", "t": peer_t})
+    res = measure(peer_t, 8, items, mask="window", window=window, repeats=repeats)
+    got = {(i["impl"], i["mode"], i["t"]): i["median"] for i in res.get("items", [])}
+    nn = measure(peer_t, 8, [{"impl": "jax_nn", "mode": "fwd"}], mask="window", window=window, repeats=2)
+    if "error" in nn:  # dense [T, T] scores: may run out of memory when other jobs hold some; retry once
+        nn = measure(peer_t, 8, [{"impl": "jax_nn", "mode": "fwd"}], mask="window", window=window, repeats=1)
     for t in ts:
-        items = [{"impl": "blockwise", "mode": "fwd"}, {"impl": "blockwise", "mode": "fwd_bwd"}]
-        if have_torch and t == peer_t:
-            items.append({"impl": "torch", "mode": "fwd"})
-        res = measure(t, 8, items, mask="window", window=window, repeats=repeats)
-        ours[t] = (_median(res, "blockwise", "fwd"), _median(res, "blockwise", "fwd_bwd"))
+        ours[t] = (got.get(("blockwise", "fwd", t)), got.get(("blockwise", "fwd_bwd", t)))
         rows.append([f"T={t}", NAMES["blockwise"], fmt_ms(ours[t][0]), "1.00x", fmt_ms(ours[t][1])])
         if t == peer_t:
-            peers = [("torch", _median(res, "torch", "fwd"))] if have_torch else []
-            nn = measure(t, 8, [{"impl": "jax_nn", "mode": "fwd"}], mask="window", window=window, repeats=2)
+            peers = [("torch", got.get(("torch", "fwd", t)))] if have_torch else []
             peers.append(("jax_nn", _median(nn, "jax_nn", "fwd") if "error" not in nn else None))
             for impl, sec in peers:
                 speed = sec / ours[t][0] if sec and ours[t][0] else None

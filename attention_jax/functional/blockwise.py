@@ -7,7 +7,9 @@ every backend; it is the default on CPU and the fallback everywhere.
 * The mask acts through its block map, turned into a static *schedule*: for each query block, the
   key blocks it visits. ``EMPTY`` tiles are never visited (causal costs half of full attention, a
   sliding window ``O(T * w)``), ``FULL`` tiles run without mask arithmetic, and only ``PARTIAL``
-  tiles evaluate the mask function on index tiles.
+  tiles evaluate the mask function on index tiles. Masks that read data (segment ids, lengths, a
+  traced boolean array) are PARTIAL wherever their structure allows; such a tile is skipped at run
+  time when its data hides it entirely (packed documents, padding).
 * Online softmax with float32 statistics and deferred normalisation; the logsumexp is saved for a
   ``jax.custom_vjp`` whose backward recomputes each visible tile once (``blockwise_bwd``).
 * GQA/MQA natively (a key/value tile is loaded once for the ``G`` query heads that share it),
@@ -273,13 +275,14 @@ def _attend_bwd(cfg: Config, residuals, cotangents):
     x, sched = _operands(cfg, diff, aux)
     if isinstance(dout, SymbolicZero):
         dout = jnp.zeros_like(out)
-    # delta = rowsum(out * dout); a cotangent on lse adds p * dlse to ds, i.e. delta -= dlse.
-    delta = jnp.einsum(
-        "BTNH,BTNH->BNT", out.astype(jnp.float32), dout.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-    )
-    if not isinstance(dlse, SymbolicZero):
+    if isinstance(dlse, SymbolicZero):  # the usual case: delta = rowsum(out * dout), per query block
+        g = backward(cfg, x, sched, lse, None, dout, wanted, out=out)
+    else:  # a cotangent on lse adds p * dlse to ds, i.e. delta -= dlse
+        delta = jnp.einsum(
+            "BTNH,BTNH->BNT", out.astype(jnp.float32), dout.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
         delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-    g = backward(cfg, x, sched, lse, delta, dout, wanted)
+        g = backward(cfg, x, sched, lse, delta, dout, wanted)
     q, k, v, bias, mod_diff_leaves, scale = diff
     dbias = None if g.dbias is None else g.dbias.astype(bias.dtype)
     dmod = tuple(

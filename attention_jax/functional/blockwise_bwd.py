@@ -64,14 +64,17 @@ def backward(
     x: Operands,
     sched: Schedule,
     lse: Array,
-    delta: Array,
+    delta: Array | None,
     dout: Array,
     wanted: Wanted | None = None,
+    out: Array | None = None,
 ) -> Grads:
     """Gradients of the blockwise attention given ``lse, delta [B, N, Tp]`` and ``dout [B, Tp, N, Hv]``.
 
     ``lse`` and ``delta`` may be the *global* statistics of a longer key sequence (a ring step):
-    the result is then this key block's exact contribution to the gradients.
+    the result is then this key block's exact contribution to the gradients. With ``delta=None``
+    it is computed per query block from ``out [B, Tp, N, Hv]`` (``delta = rowsum(out * dout)``;
+    no full-size temporary).
     """
     wanted = wanted or Wanted()
     tp = x.q.shape[1]
@@ -91,7 +94,11 @@ def backward(
         qt_t, dot_t = jnp.swapaxes(qt, 2, 3), jnp.swapaxes(dot, 2, 3)  # [B, K, H, R], [B, K, Hv, R]
         lse_t = row_stat_tile(lse, i, bq, kv_heads)
         lse_t = jnp.where(lse_t == -jnp.inf, jnp.inf, lse_t)  # rows that see nothing: p = 0
-        delta_t = row_stat_tile(delta, i, bq, kv_heads)
+        if delta is None:  # rowsum(out * dout) on this query block's rows, in float32
+            o_t = q_tile(out, i, bq, kv_heads).astype(jnp.float32)
+            delta_t = jnp.sum(o_t * dot.astype(jnp.float32), axis=-1)  # [B, K, R]
+        else:
+            delta_t = row_stat_tile(delta, i, bq, kv_heads)
 
         def body(jj, c):
             j, partial = sched.idx[i, jj], sched.kind[i, jj] == PARTIAL
