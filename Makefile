@@ -26,7 +26,7 @@ test: lint
 	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/bench_flash_cpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
