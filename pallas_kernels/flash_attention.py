@@ -13,10 +13,13 @@ map (EMPTY tiles are never loaded, FULL tiles run without mask arithmetic, PARTI
 padding and arbitrary ``from_fn`` masks all go through one mechanism. Lengths need not be multiples
 of the blocks: inputs are padded and the padding masked internally.
 
-Two kernel bodies sit behind the entry point (``backend``): Triton-style programs that loop over
-their visit list inside the kernel (``_flash_gpu``) and Mosaic grid-pipelined kernels whose K/V
-index maps follow the scalar-prefetched visit list (``_flash_tpu``). Both share the tile math
-(``_flash_tile``) and the visit plans (``_flash_plan``). On CPU the kernels run in interpret mode.
+Three kernel bodies sit behind the entry point: Triton-style programs that loop over their visit
+list inside the kernel (``_flash_gpu``, forward and backward on GPUs), a warp-specialised Hopper
+forward in Mosaic GPU (``_flash_sm90``: TMA loads, ``wgmma``; chosen automatically on sm90 for the
+calls it supports, see ``forward_kernel``), and Mosaic TPU grid-pipelined kernels whose K/V index
+maps follow the scalar-prefetched visit list (``_flash_tpu``). All share the visit plans
+(``_flash_plan``) and the tile math (``_flash_tile``). On CPU the Triton and TPU bodies run in
+interpret mode; the Hopper forward is tested by lowering it for CUDA.
 
 >>> import jax, jax.numpy as jnp
 >>> from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
@@ -38,13 +41,14 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from pallas_kernels import _flash_gpu, _flash_plan, _flash_tpu
+from pallas_kernels import _flash_gpu, _flash_plan, _flash_sm90, _flash_tpu
 from pallas_kernels._flash_plan import Geometry, Plan
 from pallas_kernels._flash_tile import LOG2E, TileMath
 from pallas_kernels.mask_info import MaskSpec
 
 Array = jax.Array
 BACKENDS = ("gpu", "tpu")
+FORWARD_KERNELS = ("triton", "mosaic_gpu")  # the GPU forward bodies
 
 __all__ = [
     "BlockSizes",
@@ -72,7 +76,9 @@ class BlockSizes:
     128 rows holds 64 positions of 2 heads under GQA with G = 2). ``block_k*`` count keys. All are
     powers of two >= 16; each is clamped to the (padded) problem, so any size works for any length.
     ``num_warps``/``num_stages`` tune the Triton forward kernel (``*_bwd``: both backward kernels);
-    ``None`` warps picks by head dim. The TPU body ignores them.
+    ``None`` warps picks by head dim. ``block_k_wgmma``/``stages_wgmma`` are the key tile and the
+    depth of the K/V ring of the Hopper (Mosaic GPU) forward, whose row tile is fixed at 128 (two
+    warpgroups of 64). The TPU body ignores them all.
 
     >>> BlockSizes(block_q=48)
     Traceback (most recent call last):
@@ -90,9 +96,11 @@ class BlockSizes:
     num_stages: int = 2
     num_warps_bwd: int | None = None
     num_stages_bwd: int = 2
+    block_k_wgmma: int = 128
+    stages_wgmma: int = 2
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+        for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "block_k_wgmma"):
             value = getattr(self, name)
             if not _is_power_of_2(value) or value < _flash_plan.MIN_BLOCK:
                 raise ValueError(f"{name} must be a power of two >= {_flash_plan.MIN_BLOCK}, got {name}={value!r}.")
@@ -100,17 +108,19 @@ class BlockSizes:
             value = getattr(self, name)
             if value is not None and (not _is_power_of_2(value) or value > 16):
                 raise ValueError(f"{name} must be None or a power of two <= 16, got {name}={value!r}.")
-        for name in ("num_stages", "num_stages_bwd"):
+        for name, least in (("num_stages", 1), ("num_stages_bwd", 1), ("stages_wgmma", 2)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {name}={value!r}.")
 
     @classmethod
     def for_backend(cls, backend: str, head_dim: int = 128) -> BlockSizes:
         """Defaults per backend and head dim (the starting point for tuning on the hardware).
 
-        GPU: the fastest of a sweep on an H100 (bf16, B=2, N=16, T=8192; forward 313 / 403 / 397
-        TFLOP/s at H = 64 / 128 / 256; backward configurations for H=256 not swept yet).
+        GPU: the fastest of sweeps on an H100 (bf16, B=2, N=16, T=8192). Triton forward 313 / 403 /
+        397 TFLOP/s at H = 64 / 128 / 256 (backward configurations for H=256 not swept yet); the
+        Hopper forward's key tile 128 (H <= 128) or 64 (H = 256, where 128 overflows shared
+        memory), two ring slots (benchmarks/RESULTS.md has the numbers).
         TPU: lane-aligned (multiples of 128) tiles for the MXU, not yet measured on a TPU.
         """
         if backend not in BACKENDS:
@@ -121,7 +131,8 @@ class BlockSizes:
             return cls(64, 128, 64, 64, 64, 64, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)
         if head_dim <= 128:
             return cls(128, 64, 64, 64, 64, 64, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=3)
-        return cls(128, 64, 32, 32, 32, 32, num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=1)
+        return cls(128, 64, 32, 32, 32, 32, num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=1,
+                   block_k_wgmma=64)  # fmt: skip
 
     def warps(self, kernel: str, head_dim: int) -> int:
         value = self.num_warps if kernel == "fwd" else self.num_warps_bwd
@@ -156,6 +167,7 @@ class _Config:
     tile_math: TileMath
     backend: str
     interpret_mode: bool
+    forward_kernel: str = "triton"  # GPU only: "triton" or "mosaic_gpu"
 
     @property
     def interpret(self):
@@ -166,7 +178,14 @@ class _Config:
 
     @property
     def body(self):
+        """The module of the backward kernels (and of the forward unless ``forward_body`` differs)."""
         return _flash_tpu if self.backend == "tpu" else _flash_gpu
+
+    @property
+    def forward_body(self):
+        if self.backend == "gpu" and self.forward_kernel == "mosaic_gpu":
+            return _flash_sm90
+        return self.body
 
 
 def _check_inputs(q, k, v, bias):
@@ -198,7 +217,44 @@ def _static_float(name: str, value, default=None):
         raise ValueError(f"{name} must be a Python number for the Pallas kernels, got a traced {name}.") from None
 
 
-def _prepare(q, k, v, *, mask, scale, softcap, bias, block_sizes, backend, interpret) -> tuple[_Config, Plan]:
+def _is_hopper() -> bool:
+    """Whether the default device is an sm90 GPU (H100/H200), where the Mosaic GPU forward runs."""
+    if jax.default_backend() != "gpu":
+        return False
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def _forward_kernel(requested, backend, interpret, q, k, v, bias, out_dtype, block_sizes) -> tuple[str, Any]:
+    """The GPU forward body for a call and the block sizes it runs with (None: unchanged).
+
+    ``None`` picks the Mosaic GPU (wgmma) forward on sm90 when it supports the call, Triton
+    otherwise; asking for ``"mosaic_gpu"`` explicitly raises when the call is out of its scope.
+    """
+    if requested not in (None, *FORWARD_KERNELS):
+        raise ValueError(f"forward_kernel must be None or one of {FORWARD_KERNELS}, got {requested!r}.")
+    triton = ("triton", None)
+    if backend != "gpu" or requested == "triton" or (requested is None and (interpret or not _is_hopper())):
+        return triton
+    wgmma_blocks = dataclasses.replace(block_sizes, block_q=_flash_sm90.BLOCK_ROWS, block_k=block_sizes.block_k_wgmma)
+    geom = _flash_plan.make_geometry(q.shape, k.shape, v.shape, wgmma_blocks, pad_head_dims=True)
+    reason = _flash_sm90.unsupported_reason(
+        dtype=q.dtype, head_dim=geom.head_dim_padded, value_head_dim=geom.value_head_dim_padded,
+        has_bias=bias is not None, out_dtype=out_dtype or q.dtype, block_k=geom.fwd[1],
+    )  # fmt: skip
+    if reason is None and interpret:
+        reason = "it has no CPU interpreter (use forward_kernel='triton' to interpret)"
+    if reason is None and geom.fwd[0] != _flash_sm90.BLOCK_ROWS:
+        reason = f"T * G = {geom.rows} rows (needs more than {_flash_sm90.BLOCK_ROWS // 2})"
+    if reason is None:
+        return "mosaic_gpu", wgmma_blocks
+    if requested == "mosaic_gpu":
+        raise ValueError(f"forward_kernel='mosaic_gpu' cannot run this call: {reason}.")
+    return triton
+
+
+def _prepare(
+    q, k, v, *, mask, scale, softcap, bias, block_sizes, backend, interpret, forward_kernel=None, out_dtype=None
+) -> tuple[_Config, Plan]:
     """Validate a call and derive its static configuration and runtime visit plan."""
     _check_inputs(q, k, v, bias)
     if mask is not None and not isinstance(mask, MaskSpec):
@@ -211,7 +267,12 @@ def _prepare(q, k, v, *, mask, scale, softcap, bias, block_sizes, backend, inter
     softcap = _static_float("softcap", softcap)
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, got {softcap=}.")
-    geom = _flash_plan.make_geometry(q.shape, k.shape, v.shape, block_sizes, pad_head_dims=backend == "gpu")
+    forward_kernel, wgmma_blocks = _forward_kernel(
+        forward_kernel, backend, interpret, q, k, v, bias, out_dtype, block_sizes
+    )
+    geom = _flash_plan.make_geometry(
+        q.shape, k.shape, v.shape, wgmma_blocks or block_sizes, pad_head_dims=backend == "gpu"
+    )
     tile_math = TileMath(
         scale=_static_float("scale", scale, 1.0 / q.shape[-1] ** 0.5),
         softcap=softcap,
@@ -219,7 +280,7 @@ def _prepare(q, k, v, *, mask, scale, softcap, bias, block_sizes, backend, inter
         kv_len=geom.kv_len,
         f32_inputs=jnp.dtype(q.dtype) == jnp.float32,
     )
-    cfg = _Config(geom, block_sizes, tile_math, backend, interpret)
+    cfg = _Config(geom, block_sizes, tile_math, backend, interpret, forward_kernel)
     return cfg, _flash_plan.make_plan(mask, geom)
 
 
@@ -319,7 +380,7 @@ def _backward_rows(cfg: _Config, q, k, v, bias, plan: Plan, lse, delta, do, with
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention_rows(cfg: _Config, q, k, v, bias, plan):
-    return cfg.body.forward(cfg, q, k, v, bias, plan, q.dtype)
+    return cfg.forward_body.forward(cfg, q, k, v, bias, plan, q.dtype)
 
 
 def _unwrap(x):
@@ -329,7 +390,7 @@ def _unwrap(x):
 def _attention_rows_fwd(cfg: _Config, q, k, v, bias, plan):
     bias_perturbed = bias is not None and bias.perturbed
     q, k, v, bias, plan = _unwrap((q, k, v, bias, plan))
-    out, lse = cfg.body.forward(cfg, q, k, v, bias, plan, q.dtype)
+    out, lse = cfg.forward_body.forward(cfg, q, k, v, bias, plan, q.dtype)
     # The shape of this marker carries a static flag to the backward: compute dbias or not.
     wants_dbias = jnp.zeros((int(bias_perturbed),), jnp.int8)
     return (out, lse), (q, k, v, bias, plan, out, lse, wants_dbias)
@@ -372,6 +433,7 @@ def flash_attention(
     interpret: bool | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    forward_kernel: str | None = None,
 ):
     """Differentiable flash attention (forward, dq and dk/dv kernels behind one ``custom_vjp``).
 
@@ -386,13 +448,16 @@ def flash_attention(
       interpret: None interprets on CPU only; True forces the interpreter of the chosen body.
       return_lse: also return the logsumexp ``[B, N, T]`` float32 (differentiable too).
       backend: ``"gpu"`` (Triton body), ``"tpu"`` (Mosaic body) or None (the default backend's).
+      forward_kernel: GPU forward body: ``"triton"``, ``"mosaic_gpu"`` (Hopper wgmma kernel; bf16/f16,
+        H == Hv in 64/128/256, no bias) or None: Mosaic GPU on sm90 devices when it supports
+        the call, Triton otherwise. The backward kernels are Triton either way.
 
     Returns:
       ``out [B, T, N, Hv]`` in ``q.dtype`` (and ``lse``). Rows that see no key give zeros,
       ``lse = -inf`` and zero gradients.
     """
     cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
-                         backend=backend, interpret=interpret)  # fmt: skip
+                         backend=backend, interpret=interpret, forward_kernel=forward_kernel)  # fmt: skip
     out, lse = _attention_rows(cfg, *_kernel_inputs(cfg, q, k, v, bias), plan)
     out = _from_rows(out, cfg.geom, cfg.geom.value_head_dim)
     return (out, _stat_from_rows(lse, cfg.geom)) if return_lse else out
@@ -411,16 +476,19 @@ def flash_forward(
     interpret: bool | None = None,
     backend: str | None = None,
     out_dtype=None,
+    forward_kernel: str | None = None,
 ) -> tuple[Array, Array]:
     """The forward kernel alone (not differentiable): ``(out [B, T, N, Hv], lse [B, N, T])``.
 
     The block step of ring attention: ``out`` is normalised by this call's own ``lse`` and comes
     back in ``out_dtype`` (default ``q.dtype``; float32 keeps the ring's merge exact).
+    ``forward_kernel`` as in :func:`flash_attention`.
     """
     cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
-                         backend=backend, interpret=interpret)  # fmt: skip
+                         backend=backend, interpret=interpret, forward_kernel=forward_kernel,
+                         out_dtype=out_dtype)  # fmt: skip
     q_, k_, v_, bias_ = _kernel_inputs(cfg, q, k, v, bias)
-    out, lse = cfg.body.forward(cfg, q_, k_, v_, bias_, plan, jnp.dtype(out_dtype or q.dtype))
+    out, lse = cfg.forward_body.forward(cfg, q_, k_, v_, bias_, plan, jnp.dtype(out_dtype or q.dtype))
     return _from_rows(out, cfg.geom, cfg.geom.value_head_dim), _stat_from_rows(lse, cfg.geom)
 
 

@@ -1,0 +1,181 @@
+"""The Hopper (Mosaic GPU, wgmma) forward kernel: lowering, dispatch, and compiled results on sm90.
+
+Mosaic GPU has no usable CPU interpreter for this kernel (warpgroup MMAs from registers and
+transposed shared-memory operands are outside what it simulates), so on this CPU-only machine the
+kernel is *lowered* for CUDA, which traces the whole kernel body through the Mosaic GPU pipeline
+(layouts, shared-memory budget checks aside), and the dispatch rules are tested directly. The
+compiled comparison against the reference runs only on an sm90 GPU (``pytest tests/test_flash_sm90.py``
+on the device machine).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_jax import masks
+from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference, mask_block_shape
+from tests.helpers import assert_close
+
+fa = importlib.import_module("pallas_kernels.flash_attention")  # the module (the package exports the function)
+
+MOSAIC_CALL = "mosaic_gpu"
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _spec(mask, t, s, group, head_dim):
+    if mask is None:
+        return None
+    return mask.spec(t, s, *mask_block_shape(BlockSizes.for_backend("gpu", head_dim), t, s, group=group))
+
+
+def _lower(*, t=512, s=None, n=4, k=2, h=128, dtype=jnp.bfloat16, mask=None, softcap=None, data=False):
+    """Forward and forward+backward of the Mosaic GPU forward, lowered for CUDA."""
+    s = t if s is None else s
+    args = (
+        jax.ShapeDtypeStruct((2, t, n, h), dtype),
+        jax.ShapeDtypeStruct((2, s, k, h), dtype),
+        jax.ShapeDtypeStruct((2, s, k, h), dtype),
+        jax.ShapeDtypeStruct((2, t), jnp.int32),
+        jax.ShapeDtypeStruct((2, s), jnp.int32),
+    )
+
+    def attention(q, kk, v, seg_q, seg_kv):
+        m = masks.segments(seg_q, seg_kv) & mask if data else mask
+        return flash_attention(
+            q, kk, v, mask=_spec(m, t, s, n // k, h), softcap=softcap, backend="gpu", interpret=False,
+            forward_kernel="mosaic_gpu",
+        )  # fmt: skip
+
+    def loss(*a):
+        return attention(*a).astype(jnp.float32).sum()
+
+    forward = jax.jit(attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return forward, backward
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(h=64, mask=None),
+        dict(h=128, mask=masks.causal(), t=333, n=8, k=2),  # ragged T, GQA
+        dict(h=256, dtype=jnp.float16, mask=masks.causal() & masks.sliding_window(70), k=4),
+        dict(h=64, mask=masks.causal(), data=True, n=8, k=1),  # per-position data (segments), MQA
+        dict(h=128, mask=masks.chunked(96), softcap=30.0),
+        dict(h=96, t=256, s=1000, mask=None),  # padded head dim, cross attention, padded keys
+    ],
+    ids=["full-h64", "causal-gqa-ragged", "window-f16-h256", "segments-mqa", "chunked-softcap", "cross-h96"],
+)
+def test_forward_lowers_to_mosaic_and_backward_to_triton(case):
+    forward, backward = _lower(**case)
+    assert forward.count(MOSAIC_CALL) >= 1 and TRITON_CALL not in forward
+    # The custom_vjp's forward (residuals) is the Mosaic kernel; dq and dk/dv are the Triton kernels.
+    assert backward.count(TRITON_CALL) == 2 and MOSAIC_CALL in backward
+
+
+# -- dispatch --------------------------------------------------------------------------------------
+
+
+def _choice(monkeypatch, *, hopper=True, shape=(1, 512, 4, 128), kv_shape=None, dtype=jnp.bfloat16, bias=None,
+            out_dtype=None, requested=None, interpret=False):  # fmt: skip
+    monkeypatch.setattr(fa, "_is_hopper", lambda: hopper)
+    q = jax.ShapeDtypeStruct(shape, dtype)
+    kv = jax.ShapeDtypeStruct(kv_shape or shape, dtype)
+    sizes = BlockSizes.for_backend("gpu", shape[-1])
+    kernel, blocks = fa._forward_kernel(requested, "gpu", interpret, q, kv, kv, bias, out_dtype, sizes)
+    return kernel, blocks
+
+
+def test_auto_picks_mosaic_on_hopper_for_supported_calls(monkeypatch):
+    kernel, blocks = _choice(monkeypatch)
+    assert kernel == "mosaic_gpu" and blocks.block_q == 128 and blocks.block_k == blocks.block_k_wgmma
+    assert _choice(monkeypatch, dtype=jnp.float16, shape=(1, 512, 4, 96))[0] == "mosaic_gpu"  # H 96 -> 128
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(hopper=False),
+        dict(dtype=jnp.float32),
+        dict(shape=(1, 512, 4, 32)),  # head dim below 64
+        dict(bias=jnp.zeros((1, 4, 512, 512))),
+        dict(out_dtype=jnp.float32),  # the ring's float32 step outputs
+        dict(shape=(1, 40, 1, 128)),  # fewer rows than one CTA's 128
+        dict(interpret=True),
+        dict(requested="triton"),
+    ],
+    ids=["not-hopper", "f32", "h32", "bias", "f32-out", "short", "interpret", "asked-triton"],
+)
+def test_auto_falls_back_to_triton(monkeypatch, change):
+    assert _choice(monkeypatch, **change) == ("triton", None)
+
+
+def test_asking_for_mosaic_out_of_scope_names_the_reason(monkeypatch):
+    with pytest.raises(ValueError, match="forward_kernel='mosaic_gpu' cannot run this call: dtype float32"):
+        _choice(monkeypatch, dtype=jnp.float32, requested="mosaic_gpu")
+    with pytest.raises(ValueError, match="an additive bias"):
+        _choice(monkeypatch, bias=jnp.zeros((1, 4, 512, 512)), requested="mosaic_gpu")
+    with pytest.raises(ValueError, match="no CPU interpreter"):
+        _choice(monkeypatch, interpret=True, requested="mosaic_gpu")
+    with pytest.raises(ValueError, match="forward_kernel must be None or one of"):
+        _choice(monkeypatch, requested="cudnn")
+
+
+def test_default_dispatch_follows_the_device():
+    q = jnp.ones((1, 256, 2, 64), jnp.bfloat16)
+    cfg, _ = fa._prepare(q, q, q, mask=None, scale=None, softcap=None, bias=None, block_sizes=None, backend=None,
+                         interpret=None)  # fmt: skip
+    if fa._is_hopper():
+        assert cfg.forward_kernel == "mosaic_gpu" and cfg.forward_body is fa._flash_sm90
+    else:  # CPU (interpreted Triton), other GPUs, TPU: never the Hopper kernel
+        assert cfg.forward_kernel == "triton" and cfg.forward_body is not fa._flash_sm90
+
+
+@pytest.mark.parametrize("field, value", [("block_k_wgmma", 48), ("stages_wgmma", 1)])
+def test_block_sizes_validate_the_wgmma_fields(field, value):
+    with pytest.raises(ValueError, match=field):
+        BlockSizes(**{field: value})
+
+
+# -- compiled on an sm90 GPU -----------------------------------------------------------------------
+
+on_hopper = pytest.mark.skipif(not fa._is_hopper(), reason="needs an sm90 GPU (H100/H200)")
+
+
+@on_hopper
+@pytest.mark.parametrize(
+    "mask, t, n, k, h, dtype",
+    [
+        (None, 1024, 4, 4, 64, jnp.bfloat16),
+        (masks.causal(), 333, 8, 2, 128, jnp.bfloat16),
+        (masks.causal() & masks.sliding_window(70), 600, 4, 4, 256, jnp.float16),
+        (masks.chunked(192), 1024, 4, 1, 64, jnp.bfloat16),
+    ],
+)
+def test_compiled_matches_reference(mask, t, n, k, h, dtype):
+    keys = jax.random.split(jax.random.key(t + h), 4)
+    q = jax.random.normal(keys[0], (2, t, n, h), dtype)
+    kv = [jax.random.normal(key, (2, t, k, h), dtype) for key in keys[1:3]]
+    spec = _spec(mask, t, t, n // k, h)
+    run = jax.jit(lambda q, kk, v, fk: flash_attention(q, kk, v, mask=spec, forward_kernel=fk, return_lse=True),
+                  static_argnums=3)  # fmt: skip
+    out, lse = run(q, *kv, "mosaic_gpu")
+    ref, ref_lse = flash_attention_reference(*(x.astype(jnp.float32) for x in (q, *kv)), mask=spec)
+    assert_close(out, ref.astype(dtype), dtype)
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
+    assert_close(jnp.where(jnp.isfinite(lse), lse, 0), jnp.where(jnp.isfinite(ref_lse), ref_lse, 0), jnp.float32)
+    cot = jax.random.normal(keys[3], out.shape, jnp.float32)
+
+    def grads(fk):
+        def loss(q, kk, v):
+            return jnp.sum(flash_attention(q, kk, v, mask=spec, forward_kernel=fk).astype(jnp.float32) * cot)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, *kv)
+
+    for got, want in zip(grads("mosaic_gpu"), grads("triton")):
+        assert_close(got, want, dtype, grad=True)
