@@ -3,8 +3,8 @@
 bf16, B=2, N=16, H in {64, 128}, T in {2048, ..., 16384}, causal and full, forward,
 forward+backward and the backward alone (the difference of the two times). TFLOP/s count
 4*B*N*T*S*H for the forward (half of it under a causal mask) and 2.5x that for the backward.
-"ours" is the default dispatch (the Mosaic GPU wgmma forward on sm90, Triton backward), "ours
-(Triton)" forces the Triton forward. Also: the measured bf16 matmul rate (the ceiling), a compiled
+"ours" is the default dispatch (on sm90 the Mosaic GPU wgmma forward and dK/dV kernels, Triton dQ),
+"ours (Triton)" forces the Triton kernels throughout. Also: the measured bf16 matmul rate (the ceiling), a compiled
 correctness check of a few configurations, and the ring on one GPU with both step functions.
 
     python benchmarks/bench_flash_gpu.py [--budget SECONDS] [--out FILE]
@@ -67,8 +67,9 @@ def ours(causal: bool, t: int, h: int, forward_kernel: str | None = None):
     sizes = BlockSizes.for_backend("gpu", h)
     spec = aj.masks.causal().spec(t, t, *mask_block_shape(sizes, t, t)) if causal else None
     return lambda q, k, v: flash_attention(
-        q, k, v, mask=spec, block_sizes=sizes, backend="gpu", forward_kernel=forward_kernel
-    )
+        q, k, v, mask=spec, block_sizes=sizes, backend="gpu", forward_kernel=forward_kernel,
+        backward_kernel=forward_kernel,
+    )  # fmt: skip
 
 
 def fwd_bwd(fn):

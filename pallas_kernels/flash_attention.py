@@ -14,12 +14,13 @@ padding and arbitrary ``from_fn`` masks all go through one mechanism. Lengths ne
 of the blocks: inputs are padded and the padding masked internally.
 
 Three kernel bodies sit behind the entry point: Triton-style programs that loop over their visit
-list inside the kernel (``_flash_gpu``, forward and backward on GPUs), a warp-specialised Hopper
-forward in Mosaic GPU (``_flash_sm90``: TMA loads, ``wgmma``; chosen automatically on sm90 for the
-calls it supports, see ``forward_kernel``), and Mosaic TPU grid-pipelined kernels whose K/V index
-maps follow the scalar-prefetched visit list (``_flash_tpu``). All share the visit plans
-(``_flash_plan``) and the tile math (``_flash_tile``). On CPU the Triton and TPU bodies run in
-interpret mode; the Hopper forward is tested by lowering it for CUDA.
+list inside the kernel (``_flash_gpu``, forward and backward on GPUs), warp-specialised Hopper
+kernels in Mosaic GPU for the forward (``_flash_sm90``) and dK/dV (``_flash_sm90_dkv``) (TMA loads,
+``wgmma``; chosen automatically on sm90 for the calls they support, see ``forward_kernel`` and
+``backward_kernel``), and Mosaic TPU grid-pipelined kernels whose K/V index maps follow the
+scalar-prefetched visit list (``_flash_tpu``). All share the visit plans (``_flash_plan``) and the
+tile math (``_flash_tile``). On CPU the Triton and TPU bodies run in interpret mode; the Hopper
+kernels are tested by lowering them for CUDA.
 
 >>> import jax, jax.numpy as jnp
 >>> from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
@@ -41,14 +42,14 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from pallas_kernels import _flash_gpu, _flash_plan, _flash_sm90, _flash_tpu
+from pallas_kernels import _flash_gpu, _flash_plan, _flash_sm90, _flash_sm90_dkv, _flash_tpu
 from pallas_kernels._flash_plan import Geometry, Plan
 from pallas_kernels._flash_tile import LOG2E, TileMath
 from pallas_kernels.mask_info import MaskSpec
 
 Array = jax.Array
 BACKENDS = ("gpu", "tpu")
-FORWARD_KERNELS = ("triton", "mosaic_gpu")  # the GPU forward bodies
+GPU_KERNELS = ("triton", "mosaic_gpu")  # the GPU bodies of the forward and of the dK/dV kernel
 
 __all__ = [
     "BlockSizes",
@@ -168,6 +169,7 @@ class _Config:
     backend: str
     interpret_mode: bool
     forward_kernel: str = "triton"  # GPU only: "triton" or "mosaic_gpu"
+    backward_kernel: str = "triton"  # GPU only, the dK/dV kernel (dQ is Triton's)
 
     @property
     def interpret(self):
@@ -185,6 +187,12 @@ class _Config:
     def forward_body(self):
         if self.backend == "gpu" and self.forward_kernel == "mosaic_gpu":
             return _flash_sm90
+        return self.body
+
+    @property
+    def dkv_body(self):
+        if self.backend == "gpu" and self.backward_kernel == "mosaic_gpu":
+            return _flash_sm90_dkv
         return self.body
 
 
@@ -224,37 +232,65 @@ def _is_hopper() -> bool:
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
-def _forward_kernel(requested, backend, interpret, q, k, v, bias, out_dtype, block_sizes) -> tuple[str, Any]:
-    """The GPU forward body for a call and the block sizes it runs with (None: unchanged).
+def _gpu_kernels(
+    forward_kernel, backward_kernel, backend, interpret, q, k, v, bias, out_dtype, grad_dtype, block_sizes
+) -> tuple[str, str, BlockSizes]:
+    """The GPU bodies of the forward and of dK/dV for a call, and the block sizes they run with.
 
-    ``None`` picks the Mosaic GPU (wgmma) forward on sm90 when it supports the call, Triton
+    ``None`` picks the Mosaic GPU (wgmma) kernel on sm90 when it supports the call, Triton
     otherwise; asking for ``"mosaic_gpu"`` explicitly raises when the call is out of its scope.
+    Each Hopper kernel has its own fixed tile side (128 rows forward, 128 keys for dK/dV), which
+    replaces that kernel's fields of ``block_sizes``.
     """
-    if requested not in (None, *FORWARD_KERNELS):
-        raise ValueError(f"forward_kernel must be None or one of {FORWARD_KERNELS}, got {requested!r}.")
-    triton = ("triton", None)
-    if backend != "gpu" or requested == "triton" or (requested is None and (interpret or not _is_hopper())):
-        return triton
-    wgmma_blocks = dataclasses.replace(block_sizes, block_q=_flash_sm90.BLOCK_ROWS, block_k=block_sizes.block_k_wgmma)
-    geom = _flash_plan.make_geometry(q.shape, k.shape, v.shape, wgmma_blocks, pad_head_dims=True)
-    reason = _flash_sm90.unsupported_reason(
-        dtype=q.dtype, head_dim=geom.head_dim_padded, value_head_dim=geom.value_head_dim_padded,
-        has_bias=bias is not None, out_dtype=out_dtype or q.dtype, block_k=geom.fwd[1],
-    )  # fmt: skip
-    if reason is None and interpret:
-        reason = "it has no CPU interpreter (use forward_kernel='triton' to interpret)"
-    if reason is None and geom.fwd[0] != _flash_sm90.BLOCK_ROWS:
-        reason = f"T * G = {geom.rows} rows (needs more than {_flash_sm90.BLOCK_ROWS // 2})"
-    if reason is None:
-        return "mosaic_gpu", wgmma_blocks
-    if requested == "mosaic_gpu":
-        raise ValueError(f"forward_kernel='mosaic_gpu' cannot run this call: {reason}.")
-    return triton
+    for name, value in (("forward_kernel", forward_kernel), ("backward_kernel", backward_kernel)):
+        if value not in (None, *GPU_KERNELS):
+            raise ValueError(f"{name} must be None or one of {GPU_KERNELS}, got {value!r}.")
+    if backend != "gpu":
+        return "triton", "triton", block_sizes
+
+    def decide(name, requested, blocks, reason_of):
+        if requested == "triton" or (requested is None and (interpret or not _is_hopper())):
+            return "triton"
+        geom = _flash_plan.make_geometry(q.shape, k.shape, v.shape, blocks, pad_head_dims=True)
+        reason = "it has no CPU interpreter (use 'triton' to interpret)" if interpret else reason_of(geom)
+        if reason is None:
+            return "mosaic_gpu"
+        if requested == "mosaic_gpu":
+            raise ValueError(f"{name}='mosaic_gpu' cannot run this call: {reason}.")
+        return "triton"
+
+    def forward_reason(geom):
+        reason = _flash_sm90.unsupported_reason(
+            dtype=q.dtype, head_dim=geom.head_dim_padded, value_head_dim=geom.value_head_dim_padded,
+            has_bias=bias is not None, out_dtype=out_dtype or q.dtype, block_k=geom.fwd[1],
+        )  # fmt: skip
+        if reason is None and geom.fwd[0] != _flash_sm90.BLOCK_ROWS:
+            reason = f"T * G = {geom.rows} rows (needs more than {_flash_sm90.BLOCK_ROWS // 2})"
+        return reason
+
+    def dkv_reason(geom):
+        reason = _flash_sm90_dkv.unsupported_reason(
+            dtype=q.dtype, head_dim=geom.head_dim_padded, value_head_dim=geom.value_head_dim_padded,
+            has_bias=bias is not None, grad_dtype=grad_dtype, block_rows=geom.dkv[0],
+        )  # fmt: skip
+        if reason is None and geom.dkv[1] != _flash_sm90_dkv.BLOCK_KEYS:
+            reason = f"S = {geom.kv_len} keys (needs more than {_flash_sm90_dkv.BLOCK_KEYS // 2})"
+        return reason
+
+    hopper_fwd = dataclasses.replace(block_sizes, block_q=_flash_sm90.BLOCK_ROWS, block_k=block_sizes.block_k_wgmma)
+    fwd = decide("forward_kernel", forward_kernel, hopper_fwd, forward_reason)
+    blocks = hopper_fwd if fwd == "mosaic_gpu" else block_sizes
+    hopper_dkv = dataclasses.replace(
+        blocks, block_q_dkv=max(64, blocks.block_q_dkv), block_k_dkv=_flash_sm90_dkv.BLOCK_KEYS
+    )
+    bwd = decide("backward_kernel", backward_kernel, hopper_dkv, dkv_reason)
+    return fwd, bwd, hopper_dkv if bwd == "mosaic_gpu" else blocks
 
 
 def _prepare(
-    q, k, v, *, mask, scale, softcap, bias, block_sizes, backend, interpret, forward_kernel=None, out_dtype=None
-) -> tuple[_Config, Plan]:
+    q, k, v, *, mask, scale, softcap, bias, block_sizes, backend, interpret, forward_kernel=None, backward_kernel=None,
+    out_dtype=None, grad_dtype=None,
+) -> tuple[_Config, Plan]:  # fmt: skip
     """Validate a call and derive its static configuration and runtime visit plan."""
     _check_inputs(q, k, v, bias)
     if mask is not None and not isinstance(mask, MaskSpec):
@@ -267,12 +303,10 @@ def _prepare(
     softcap = _static_float("softcap", softcap)
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, got {softcap=}.")
-    forward_kernel, wgmma_blocks = _forward_kernel(
-        forward_kernel, backend, interpret, q, k, v, bias, out_dtype, block_sizes
+    forward_kernel, backward_kernel, kernel_blocks = _gpu_kernels(
+        forward_kernel, backward_kernel, backend, interpret, q, k, v, bias, out_dtype, grad_dtype, block_sizes
     )
-    geom = _flash_plan.make_geometry(
-        q.shape, k.shape, v.shape, wgmma_blocks or block_sizes, pad_head_dims=backend == "gpu"
-    )
+    geom = _flash_plan.make_geometry(q.shape, k.shape, v.shape, kernel_blocks, pad_head_dims=backend == "gpu")
     tile_math = TileMath(
         scale=_static_float("scale", scale, 1.0 / q.shape[-1] ** 0.5),
         softcap=softcap,
@@ -280,7 +314,7 @@ def _prepare(
         kv_len=geom.kv_len,
         f32_inputs=jnp.dtype(q.dtype) == jnp.float32,
     )
-    cfg = _Config(geom, block_sizes, tile_math, backend, interpret, forward_kernel)
+    cfg = _Config(geom, block_sizes, tile_math, backend, interpret, forward_kernel, backward_kernel)
     return cfg, _flash_plan.make_plan(mask, geom)
 
 
@@ -374,7 +408,7 @@ def _backward_rows(cfg: _Config, q, k, v, bias, plan: Plan, lse, delta, do, with
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)  # rows that see nothing get p = 0
     delta = jnp.where(jnp.isfinite(lse), delta, 0.0)
     dq, dbias = cfg.body.backward_dq(cfg, q, k, v, bias, do, lse2, delta, plan, with_dbias, grad_dtype)
-    dk, dv = cfg.body.backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype)
+    dk, dv = cfg.dkv_body.backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype)
     return dq, dk, dv, dbias
 
 
@@ -434,6 +468,7 @@ def flash_attention(
     return_lse: bool = False,
     backend: str | None = None,
     forward_kernel: str | None = None,
+    backward_kernel: str | None = None,
 ):
     """Differentiable flash attention (forward, dq and dk/dv kernels behind one ``custom_vjp``).
 
@@ -450,14 +485,17 @@ def flash_attention(
       backend: ``"gpu"`` (Triton body), ``"tpu"`` (Mosaic body) or None (the default backend's).
       forward_kernel: GPU forward body: ``"triton"``, ``"mosaic_gpu"`` (Hopper wgmma kernel; bf16/f16,
         H == Hv in 64/128/256, no bias) or None: Mosaic GPU on sm90 devices when it supports
-        the call, Triton otherwise. The backward kernels are Triton either way.
+        the call, Triton otherwise.
+      backward_kernel: the same choice for the dK/dV kernel (Mosaic GPU: H == Hv in 64/128); dQ is
+        computed by the Triton kernel either way.
 
     Returns:
       ``out [B, T, N, Hv]`` in ``q.dtype`` (and ``lse``). Rows that see no key give zeros,
       ``lse = -inf`` and zero gradients.
     """
     cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
-                         backend=backend, interpret=interpret, forward_kernel=forward_kernel)  # fmt: skip
+                         backend=backend, interpret=interpret, forward_kernel=forward_kernel,
+                         backward_kernel=backward_kernel)  # fmt: skip
     out, lse = _attention_rows(cfg, *_kernel_inputs(cfg, q, k, v, bias), plan)
     out = _from_rows(out, cfg.geom, cfg.geom.value_head_dim)
     return (out, _stat_from_rows(lse, cfg.geom)) if return_lse else out
@@ -508,6 +546,7 @@ def flash_backward(
     interpret: bool | None = None,
     backend: str | None = None,
     grad_dtype=None,
+    backward_kernel: str | None = None,
 ) -> tuple[Array, Array, Array]:
     """The backward kernels alone: ``(dq, dk, dv)`` of one ``(q, k/v)`` block given global statistics.
 
@@ -515,9 +554,11 @@ def flash_backward(
     ``delta [B, N, T] = rowsum(out * dout) - dlse`` with the whole output, so the returned
     gradients are this block's exact contributions (ring attention sums them over blocks). They
     come back in ``grad_dtype`` (default: the input dtypes; float32 keeps a ring's sum exact).
+    ``backward_kernel`` as in :func:`flash_attention`.
     """
     cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
-                         backend=backend, interpret=interpret)  # fmt: skip
+                         backend=backend, interpret=interpret, backward_kernel=backward_kernel,
+                         grad_dtype=grad_dtype)  # fmt: skip
     g = cfg.geom
     q_, k_, v_, bias_ = _kernel_inputs(cfg, q, k, v, bias)
     do = _to_rows(dout.astype(q.dtype), g, g.value_head_dim_padded)

@@ -10,6 +10,7 @@ on the device machine).
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -23,7 +24,7 @@ from tests.helpers import assert_close
 
 fa = importlib.import_module("pallas_kernels.flash_attention")  # the module (the package exports the function)
 
-MOSAIC_CALL = "mosaic_gpu"
+MOSAIC_CALL = "custom_call @mosaic_gpu"
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
@@ -48,7 +49,7 @@ def _lower(*, t=512, s=None, n=4, k=2, h=128, dtype=jnp.bfloat16, mask=None, sof
         m = masks.segments(seg_q, seg_kv) & mask if data else mask
         return flash_attention(
             q, kk, v, mask=_spec(m, t, s, n // k, h), softcap=softcap, backend="gpu", interpret=False,
-            forward_kernel="mosaic_gpu",
+            forward_kernel="mosaic_gpu", backward_kernel="mosaic_gpu" if h <= 128 else "triton",
         )  # fmt: skip
 
     def loss(*a):
@@ -71,30 +72,41 @@ def _lower(*, t=512, s=None, n=4, k=2, h=128, dtype=jnp.bfloat16, mask=None, sof
     ],
     ids=["full-h64", "causal-gqa-ragged", "window-f16-h256", "segments-mqa", "chunked-softcap", "cross-h96"],
 )
-def test_forward_lowers_to_mosaic_and_backward_to_triton(case):
+def test_hopper_kernels_lower(case):
     forward, backward = _lower(**case)
-    assert forward.count(MOSAIC_CALL) >= 1 and TRITON_CALL not in forward
-    # The custom_vjp's forward (residuals) is the Mosaic kernel; dq and dk/dv are the Triton kernels.
-    assert backward.count(TRITON_CALL) == 2 and MOSAIC_CALL in backward
+    assert forward.count(MOSAIC_CALL) == 1 and TRITON_CALL not in forward
+    # The custom_vjp's forward (residuals) and dK/dV are Mosaic GPU kernels, dQ is Triton's; at H=256
+    # dK/dV is Triton's too.
+    mosaic_dkv = case["h"] <= 128
+    assert backward.count(MOSAIC_CALL) == 1 + mosaic_dkv
+    assert backward.count(TRITON_CALL) == 2 - mosaic_dkv
 
 
 # -- dispatch --------------------------------------------------------------------------------------
 
 
 def _choice(monkeypatch, *, hopper=True, shape=(1, 512, 4, 128), kv_shape=None, dtype=jnp.bfloat16, bias=None,
-            out_dtype=None, requested=None, interpret=False):  # fmt: skip
+            out_dtype=None, grad_dtype=None, requested=None, requested_bwd=None, interpret=False):  # fmt: skip
+    """``(forward body, dK/dV body, block sizes)`` the dispatch picks for a call."""
     monkeypatch.setattr(fa, "_is_hopper", lambda: hopper)
     q = jax.ShapeDtypeStruct(shape, dtype)
     kv = jax.ShapeDtypeStruct(kv_shape or shape, dtype)
     sizes = BlockSizes.for_backend("gpu", shape[-1])
-    kernel, blocks = fa._forward_kernel(requested, "gpu", interpret, q, kv, kv, bias, out_dtype, sizes)
-    return kernel, blocks
+    return fa._gpu_kernels(requested, requested_bwd, "gpu", interpret, q, kv, kv, bias, out_dtype, grad_dtype, sizes)
 
 
 def test_auto_picks_mosaic_on_hopper_for_supported_calls(monkeypatch):
-    kernel, blocks = _choice(monkeypatch)
-    assert kernel == "mosaic_gpu" and blocks.block_q == 128 and blocks.block_k == blocks.block_k_wgmma
-    assert _choice(monkeypatch, dtype=jnp.float16, shape=(1, 512, 4, 96))[0] == "mosaic_gpu"  # H 96 -> 128
+    fwd, bwd, blocks = _choice(monkeypatch)
+    assert (fwd, bwd) == ("mosaic_gpu", "mosaic_gpu")
+    assert (blocks.block_q, blocks.block_k, blocks.block_k_dkv) == (128, blocks.block_k_wgmma, 128)
+    assert blocks.block_q_dq == BlockSizes.for_backend("gpu", 128).block_q_dq  # dQ stays Triton's
+    assert _choice(monkeypatch, dtype=jnp.float16, shape=(1, 512, 4, 96))[:2] == ("mosaic_gpu",) * 2  # H 96 -> 128
+    # H = 256: the forward only (two [64, 256] float32 accumulators per warpgroup do not fit in registers).
+    fwd, bwd, blocks = _choice(monkeypatch, shape=(1, 512, 4, 256))
+    assert (fwd, bwd, blocks.block_k_dkv) == ("mosaic_gpu", "triton", BlockSizes.for_backend("gpu", 256).block_k_dkv)
+    # The ring's steps ask for float32 outputs / gradients: Triton there.
+    assert _choice(monkeypatch, grad_dtype=jnp.float32)[:2] == ("mosaic_gpu", "triton")
+    assert _choice(monkeypatch, out_dtype=jnp.float32)[:2] == ("triton", "mosaic_gpu")
 
 
 @pytest.mark.parametrize(
@@ -104,15 +116,17 @@ def test_auto_picks_mosaic_on_hopper_for_supported_calls(monkeypatch):
         dict(dtype=jnp.float32),
         dict(shape=(1, 512, 4, 32)),  # head dim below 64
         dict(bias=jnp.zeros((1, 4, 512, 512))),
-        dict(out_dtype=jnp.float32),  # the ring's float32 step outputs
         dict(shape=(1, 40, 1, 128)),  # fewer rows than one CTA's 128
         dict(interpret=True),
         dict(requested="triton"),
     ],
-    ids=["not-hopper", "f32", "h32", "bias", "f32-out", "short", "interpret", "asked-triton"],
+    ids=["not-hopper", "f32", "h32", "bias", "short", "interpret", "asked-triton"],
 )
 def test_auto_falls_back_to_triton(monkeypatch, change):
-    assert _choice(monkeypatch, **change) == ("triton", None)
+    fwd, _, blocks = _choice(monkeypatch, **change)
+    assert (
+        fwd == "triton" and blocks.block_q == BlockSizes.for_backend("gpu", change.get("shape", (0, 128))[-1]).block_q
+    )
 
 
 def test_asking_for_mosaic_out_of_scope_names_the_reason(monkeypatch):
@@ -124,6 +138,10 @@ def test_asking_for_mosaic_out_of_scope_names_the_reason(monkeypatch):
         _choice(monkeypatch, interpret=True, requested="mosaic_gpu")
     with pytest.raises(ValueError, match="forward_kernel must be None or one of"):
         _choice(monkeypatch, requested="cudnn")
+    with pytest.raises(ValueError, match=r"backward_kernel='mosaic_gpu' cannot run this call: head dims H=256"):
+        _choice(monkeypatch, shape=(1, 512, 4, 256), requested_bwd="mosaic_gpu")
+    with pytest.raises(ValueError, match="S = 40 keys"):
+        _choice(monkeypatch, kv_shape=(1, 40, 4, 128), requested_bwd="mosaic_gpu")
 
 
 def test_default_dispatch_follows_the_device():
@@ -131,9 +149,10 @@ def test_default_dispatch_follows_the_device():
     cfg, _ = fa._prepare(q, q, q, mask=None, scale=None, softcap=None, bias=None, block_sizes=None, backend=None,
                          interpret=None)  # fmt: skip
     if fa._is_hopper():
-        assert cfg.forward_kernel == "mosaic_gpu" and cfg.forward_body is fa._flash_sm90
-    else:  # CPU (interpreted Triton), other GPUs, TPU: never the Hopper kernel
-        assert cfg.forward_kernel == "triton" and cfg.forward_body is not fa._flash_sm90
+        assert (cfg.forward_body, cfg.dkv_body) == (fa._flash_sm90, fa._flash_sm90_dkv)
+    else:  # CPU (interpreted Triton), other GPUs, TPU: never the Hopper kernels
+        assert (cfg.forward_kernel, cfg.backward_kernel) == ("triton", "triton")
+        assert cfg.forward_body is cfg.dkv_body is cfg.body
 
 
 @pytest.mark.parametrize("field, value", [("block_k_wgmma", 48), ("stages_wgmma", 1)])
@@ -171,11 +190,18 @@ def test_compiled_matches_reference(mask, t, n, k, h, dtype):
     assert_close(jnp.where(jnp.isfinite(lse), lse, 0), jnp.where(jnp.isfinite(ref_lse), ref_lse, 0), jnp.float32)
     cot = jax.random.normal(keys[3], out.shape, jnp.float32)
 
-    def grads(fk):
-        def loss(q, kk, v):
-            return jnp.sum(flash_attention(q, kk, v, mask=spec, forward_kernel=fk).astype(jnp.float32) * cot)
+    def loss(attention, *args):
+        return jnp.sum(attention(*args).astype(jnp.float32) * cot)
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, *kv)
+    def hopper(q, kk, v):  # both Hopper kernels (H <= 128), else the Hopper forward and Triton dK/dV
+        kernel = "mosaic_gpu" if h <= 128 else "triton"
+        return flash_attention(q, kk, v, mask=spec, forward_kernel="mosaic_gpu", backward_kernel=kernel)
 
-    for got, want in zip(grads("mosaic_gpu"), grads("triton")):
-        assert_close(got, want, dtype, grad=True)
+    def reference(q, kk, v):
+        return flash_attention_reference(q, kk, v, mask=spec)[0]
+
+    got = jax.jit(jax.grad(functools.partial(loss, hopper), argnums=(0, 1, 2)))(q, *kv)
+    f32 = [x.astype(jnp.float32) for x in (q, *kv)]
+    want = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2))(*f32)
+    for g, w in zip(got, want):
+        assert_close(g, w.astype(dtype), dtype, grad=True)

@@ -1,7 +1,7 @@
 """``implementation="pallas"``: the Pallas flash kernels of ``pallas_kernels.flash_attention``.
 
 The kernel body follows ``jax.default_backend()``: Triton on GPU (with the Mosaic GPU ``wgmma``
-forward on Hopper, sm90, for the calls it supports), Mosaic on TPU, and on CPU the Triton body in
+forward and dK/dV kernels on Hopper, sm90, for the calls they support), Mosaic on TPU, and on CPU the Triton body in
 Pallas' interpreter (exact but slow: for tests and small inputs).
 
 Masks reach the kernels as a ``MaskSpec`` (block map + elementwise function):
