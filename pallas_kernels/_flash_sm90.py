@@ -69,6 +69,11 @@ def _smem_transforms(dtype):
 _LOAD_NEEDS_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
 
 
+def _iota(shape, dimension):
+    """Indices along ``dimension`` of a tile in the accumulator's register layout."""
+    return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
+
+
 def _load(ref, layout):
     """A vector load from GMEM into registers laid out as ``layout`` (mask data: a few words per row)."""
     if _LOAD_NEEDS_INDEX:
@@ -111,6 +116,7 @@ def _fwd_kernel(
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         col_layout = plgpu.Layout.WGMMA.reduce(0)
         shape = (ROWS_PER_WARPGROUP, block_k)
+        q_pos = q_vals = None
         if tm.mask_fn is not None:  # per-row mask data, loaded once
             q_pos = lax.broadcast_in_dim(_load(qpos_ref.at[rows], row_layout), shape, [0])
             q_vals = tuple(lax.broadcast_in_dim(_load(r.at[b, rows], row_layout), shape, [0]) for r in qv_refs)
@@ -124,8 +130,7 @@ def _fwd_kernel(
                 kv_vals = tuple(lax.broadcast_in_dim(_load(r.at[b, cols], col_layout), shape, [1]) for r in kvv_refs)
                 out = tm.mask_fn(q_pos, kv_pos, q_vals, kv_vals)
             if pad_kv:
-                index = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + start
-                in_range = index < tm.kv_len
+                in_range = _iota(shape, 1) + start < tm.kv_len
                 out = in_range if out is None else out & in_range
             return out
 
@@ -256,22 +261,37 @@ def forward(cfg, q, k, v, bias, plan, out_dtype):
         pad_kv=geom.kv_len < k.shape[1],
         batched_plan=order.shape[0] > 1,
     )
-    inputs, tree = jax.tree.flatten((order, counts, q, k, v, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals))
-    num_inputs = len(inputs)
-
-    def entry(*refs):  # flat refs -> the kernel's structure, then the scratch buffers and barriers
-        ins = jax.tree.unflatten(tree, refs[:num_inputs])
-        pl.run_scoped(lambda *scratch: kernel(*ins, *refs[num_inputs:], scratch), *scratch_types, collective_axes="wg")
-
-    return plgpu.kernel(
-        entry,
+    return launch(
+        kernel,
+        (order, counts, q, k, v, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals),
+        scratch_types,
         out_type=(
             jax.ShapeDtypeStruct((b, rows, kh, hp), out_dtype),
             jax.ShapeDtypeStruct((b, kh, rows), jnp.float32),
         ),
         grid=(kh, b, rows // BLOCK_ROWS),  # the first axis varies fastest
         grid_names=("heads", "batch", "rows"),
+    )
+
+
+def launch(kernel, inputs, scratch_types, *, out_type, grid, grid_names):
+    """Run ``kernel(*inputs, *outputs, scratch)`` with two compute warpgroups and one memory warpgroup per CTA.
+
+    ``inputs`` may hold tuples (the mask data); ``scratch_types`` are allocated once per CTA and
+    shared by its warpgroups (thread axis ``"wg"``).
+    """
+    flat, tree = jax.tree.flatten(inputs)
+
+    def entry(*refs):  # flat refs -> the kernel's structure, then the scratch buffers and barriers
+        ins = jax.tree.unflatten(tree, refs[: len(flat)])
+        pl.run_scoped(lambda *scratch: kernel(*ins, *refs[len(flat) :], scratch), *scratch_types, collective_axes="wg")
+
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=grid,
+        grid_names=grid_names,
         num_threads=COMPUTE_WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(*inputs)
+    )(*flat)

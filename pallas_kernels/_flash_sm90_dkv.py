@@ -27,7 +27,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._flash_sm90 import _COMPUTE_REGISTERS, _MEMORY_REGISTERS, DTYPES, _load, _smem_transforms
+from pallas_kernels._flash_sm90 import (
+    _COMPUTE_REGISTERS,
+    _MEMORY_REGISTERS,
+    DTYPES,
+    _iota,
+    _load,
+    _smem_transforms,
+    launch,
+)
 from pallas_kernels._flash_tile import LOG2E, TileMath
 
 KEYS_PER_WARPGROUP = 64  # the M of one wgmma instruction
@@ -85,11 +93,13 @@ def _dkv_kernel(
         key_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per tile row (a key)
         row_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per tile column (a query row)
         shape = (KEYS_PER_WARPGROUP, block_rows)
+        kv_pos = kv_vals = None
         if tm.mask_fn is not None:  # per-key mask data, loaded once
             kv_pos = lax.broadcast_in_dim(_load(kvpos_ref.at[keys], key_layout), shape, [0])
             kv_vals = tuple(lax.broadcast_in_dim(_load(r.at[b, keys], key_layout), shape, [0]) for r in kvv_refs)
 
         def visible(start):
+            """The mask of the PARTIAL tile whose rows start at ``start`` (and ``key < kv_len``)."""
             out = None
             if tm.mask_fn is not None:
                 cols = pl.ds(start, block_rows)
@@ -97,8 +107,7 @@ def _dkv_kernel(
                 q_vals = tuple(lax.broadcast_in_dim(_load(r.at[b, cols], row_layout), shape, [1]) for r in qv_refs)
                 out = tm.mask_fn(q_pos, kv_pos, q_vals, kv_vals)
             if pad_kv:
-                index = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + key0
-                in_range = index < tm.kv_len
+                in_range = _iota(shape, 0) + key0 < tm.kv_len
                 out = in_range if out is None else out & in_range
             return out
 
@@ -218,21 +227,11 @@ def backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype=None):
         pad_kv=geom.kv_len < kv_len,
         batched_plan=order.shape[0] > 1,
     )
-    inputs, tree = jax.tree.flatten(
-        (order, counts, q, k, v, do, lse2, delta, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals)
-    )
-    num_inputs = len(inputs)
-
-    def entry(*refs):  # flat refs -> the kernel's structure, then the scratch buffers and barriers
-        ins = jax.tree.unflatten(tree, refs[:num_inputs])
-        pl.run_scoped(lambda *scratch: kernel(*ins, *refs[num_inputs:], scratch), *scratch_types, collective_axes="wg")
-
-    return plgpu.kernel(
-        entry,
+    return launch(
+        kernel,
+        (order, counts, q, k, v, do, lse2, delta, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals),
+        scratch_types,
         out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(kh, b, kv_len // BLOCK_KEYS),
         grid_names=("heads", "batch", "keys"),
-        num_threads=COMPUTE_WARPGROUPS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(*inputs)
+    )
