@@ -370,13 +370,22 @@ class _SlidingWindow(_Static):
         return (self.left, self.right)
 
 
+def _floor_div(x, n: int):
+    """``x // n`` for int arrays and a positive ``n``, from ops every kernel backend lowers.
+
+    ``jnp.floor_divide`` goes through ``sign``, which Mosaic TPU rejects in kernels; truncating
+    division of ``x - (n - 1)`` rounds negative ``x`` down as ``//`` does.
+    """
+    return jax.lax.div(jnp.where(x < 0, x - (n - 1), x), jnp.asarray(n, x.dtype))
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class _Chunked(_Static):
     size: int
 
     def _fn(self, kv_len):
         size = self.size
-        return lambda q_pos, kv_pos, q_vals, kv_vals: (q_pos // size) == (kv_pos // size)
+        return lambda q_pos, kv_pos, q_vals, kv_vals: _floor_div(q_pos, size) == _floor_div(kv_pos, size)
 
     def _blocks(self, q_lo, q_hi, kv_lo, kv_hi, kv_len):
         s = self.size

@@ -21,6 +21,8 @@ T, S = 512, 488  # S is not a multiple of the blocks: the padded key tile is mas
 def _mask(kind: str, seg_q, seg_kv):
     if kind == "causal":
         return masks.causal(offset=S - T)
+    if kind == "chunked":  # integer division of positions inside the kernels
+        return masks.causal(offset=S - T) & masks.chunked(96)
     return masks.segments(seg_q, seg_kv) & masks.sliding_window(200)
 
 
@@ -67,5 +69,12 @@ def test_forward_and_backward_lower(platform, head_dim, kind):
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_bias_softcap_and_odd_head_dim_lower(platform):
     forward, backward = _lower(platform, 96, "causal", bias=True, softcap=30.0)
+    assert forward.count(CALL[platform]) == 1
+    assert backward.count(CALL[platform]) == 3
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_chunked_mask_lowers(platform):
+    forward, backward = _lower(platform, 128, "chunked")
     assert forward.count(CALL[platform]) == 1
     assert backward.count(CALL[platform]) == 3

@@ -205,3 +205,10 @@ def test_all_constructors_compose():
         np.testing.assert_array_equal(both, da & db)
         np.testing.assert_array_equal(either, da | db)
     assert isinstance(aj.masks.causal(), aj.masks.Mask)
+
+
+def test_chunk_index_rounds_down_for_negative_positions():
+    # Positions can be negative (offsets); the kernels' division must round down like Python's //.
+    x = jnp.arange(-13, 14, dtype=jnp.int32)
+    for size in (1, 4, 6):
+        np.testing.assert_array_equal(masks._floor_div(x, size), np.arange(-13, 14) // size)
