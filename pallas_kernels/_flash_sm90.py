@@ -14,9 +14,10 @@ The mask is the library's single mechanism: the CTA's row of the forward visit t
 where ``MaskSpec.fn`` runs on position tiles in the accumulator's register layout; EMPTY tiles are
 never loaded. Both compute warpgroups walk the same list (the CTA's), so they stay in lock step.
 
-Scope (the entry point falls back to the Triton body otherwise): bf16/f16, head dims that are
-multiples of 64 up to 256 with ``Hv == H``, no additive bias, output in the input dtype. Layouts as
-in ``_flash_gpu``: ``q [B, Rp, K, H]`` rows, ``k/v [B, Sp, K, H]``, ``lse [B, K, Rp]`` float32.
+Scope (the entry point falls back to the Triton body otherwise): bf16/f16, ``H == Hv`` of 64, 128
+or 256 after padding to a power of two (96 runs as 128), no additive bias, output in the input
+dtype. Layouts as in ``_flash_gpu``: ``q [B, Rp, K, H]`` rows, ``k/v [B, Sp, K, H]``, ``lse [B, K, Rp]``
+float32. There is no CPU interpreter for this kernel; tests lower it for CUDA.
 """
 
 from __future__ import annotations
