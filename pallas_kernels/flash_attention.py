@@ -233,7 +233,7 @@ def _is_hopper() -> bool:
 
 
 def _gpu_kernels(
-    forward_kernel, backward_kernel, backend, interpret, q, k, v, bias, out_dtype, grad_dtype, block_sizes
+    q, k, v, *, bias, forward_kernel, backward_kernel, backend, interpret, out_dtype, grad_dtype, block_sizes
 ) -> tuple[str, str, BlockSizes]:
     """The GPU bodies of the forward and of dK/dV for a call, and the block sizes they run with.
 
@@ -304,8 +304,9 @@ def _prepare(
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, got {softcap=}.")
     forward_kernel, backward_kernel, kernel_blocks = _gpu_kernels(
-        forward_kernel, backward_kernel, backend, interpret, q, k, v, bias, out_dtype, grad_dtype, block_sizes
-    )
+        q, k, v, bias=bias, forward_kernel=forward_kernel, backward_kernel=backward_kernel, backend=backend,
+        interpret=interpret, out_dtype=out_dtype, grad_dtype=grad_dtype, block_sizes=block_sizes,
+    )  # fmt: skip
     geom = _flash_plan.make_geometry(q.shape, k.shape, v.shape, kernel_blocks, pad_head_dims=backend == "gpu")
     tile_math = TileMath(
         scale=_static_float("scale", scale, 1.0 / q.shape[-1] ** 0.5),

@@ -92,7 +92,10 @@ def _choice(monkeypatch, *, hopper=True, shape=(1, 512, 4, 128), kv_shape=None, 
     q = jax.ShapeDtypeStruct(shape, dtype)
     kv = jax.ShapeDtypeStruct(kv_shape or shape, dtype)
     sizes = BlockSizes.for_backend("gpu", shape[-1])
-    return fa._gpu_kernels(requested, requested_bwd, "gpu", interpret, q, kv, kv, bias, out_dtype, grad_dtype, sizes)
+    return fa._gpu_kernels(
+        q, kv, kv, bias=bias, forward_kernel=requested, backward_kernel=requested_bwd, backend="gpu",
+        interpret=interpret, out_dtype=out_dtype, grad_dtype=grad_dtype, block_sizes=sizes,
+    )  # fmt: skip
 
 
 def test_auto_picks_mosaic_on_hopper_for_supported_calls(monkeypatch):
