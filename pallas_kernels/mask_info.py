@@ -83,33 +83,53 @@ def block_not(a: np.ndarray) -> np.ndarray:
     return (FULL - a).astype(a.dtype)
 
 
-def classify(all_visible: np.ndarray, any_visible: np.ndarray) -> np.ndarray:
-    """Turn per-block ``all``/``any`` visibility flags into a block map."""
-    return np.where(all_visible, FULL, np.where(any_visible, PARTIAL, EMPTY)).astype(np.int8)
+def _array_module(x):
+    """``jax.numpy`` for JAX arrays (tracers included), ``numpy`` otherwise: host maps stay static."""
+    return jnp if isinstance(x, jax.Array) else np
 
 
-def block_map_from_dense(dense: np.ndarray, block_q: int, block_k: int) -> np.ndarray:
-    """Exact block map of a dense boolean ``[T, S]`` mask (blocks past the end count as masked).
+def classify(all_visible, any_visible):
+    """Turn per-block ``all``/``any`` visibility flags into a block map (numpy or JAX, like the flags)."""
+    xp = _array_module(all_visible)
+    return xp.where(all_visible, FULL, xp.where(any_visible, PARTIAL, EMPTY)).astype(np.int8)
 
-    Used for masks that have no structure to exploit (``from_fn``) and by tests as the oracle.
+
+def block_map_from_dense(dense, block_q: int, block_k: int):
+    """Exact block map ``[..., nq, nk]`` of a dense boolean ``[..., T, S]`` mask (blocks past the end count as masked).
+
+    Used for masks that have no structure to exploit (``from_fn``, boolean arrays) and by tests as
+    the oracle. A numpy mask gives a numpy map (static); a JAX array, traced or not, a JAX map.
 
     >>> import numpy as np
     >>> block_map_from_dense(np.tril(np.ones((4, 4), bool)), 2, 2).tolist()
     [[1, 0], [2, 1]]
     """
-    dense = np.asarray(dense, dtype=bool)
-    t, s = dense.shape
+    xp = _array_module(dense)
+    dense = xp.asarray(dense, dtype=bool)
+    *lead, t, s = dense.shape
     nq, nk = num_blocks(t, block_q), num_blocks(s, block_k)
-    padded = np.zeros((nq * block_q, nk * block_k), dtype=bool)
-    padded[:t, :s] = dense
-    tiles = padded.reshape(nq, block_q, nk, block_k)
-    valid = np.zeros_like(padded)
-    valid[:t, :s] = True
-    valid_tiles = valid.reshape(nq, block_q, nk, block_k)
-    any_visible = tiles.any(axis=(1, 3))
+    pad = ((0, nq * block_q - t), (0, nk * block_k - s))
+    tiles = xp.pad(dense, ((0, 0),) * len(lead) + pad).reshape(*lead, nq, block_q, nk, block_k)
+    valid_tiles = np.pad(np.ones((t, s), bool), pad).reshape(nq, block_q, nk, block_k)
+    any_visible = tiles.any(axis=(-3, -1))
     # A tile is full when every valid entry is visible and it has no padding on the key side.
-    all_visible = np.all(tiles | ~valid_tiles, axis=(1, 3)) & kv_tiles_complete(s, block_k, nq)
+    all_visible = xp.all(tiles | ~valid_tiles, axis=(-3, -1)) & kv_tiles_complete(s, block_k, nq)
     return classify(all_visible, any_visible)
+
+
+def shared_block_map(dense, block_q: int, block_k: int, axis):
+    """One block map valid for every slice of ``dense [..., T, S]`` along ``axis`` (e.g. batch, heads).
+
+    A tile is EMPTY only if it is empty in every slice and FULL only if it is full in every slice.
+
+    >>> import numpy as np
+    >>> causal, full = np.tril(np.ones((4, 4), bool)), np.ones((4, 4), bool)
+    >>> shared_block_map(np.stack([causal, full]), 2, 2, axis=0).tolist()
+    [[1, 1], [2, 1]]
+    """
+    any_map = block_map_from_dense(dense.any(axis=axis), block_q, block_k)
+    all_map = block_map_from_dense(dense.all(axis=axis), block_q, block_k)
+    return classify(all_map == FULL, any_map != EMPTY)
 
 
 def kv_tiles_complete(kv_len: int, block_k: int, num_q_blocks: int) -> np.ndarray:

@@ -52,7 +52,7 @@ from attention_jax.functional.blockwise_tiles import (
     static_schedule,
 )
 from pallas_kernels import mask_info
-from pallas_kernels.mask_info import EMPTY, FULL, PARTIAL, MaskSpec
+from pallas_kernels.mask_info import FULL, PARTIAL, MaskSpec
 
 __all__ = ["attention", "fwd", "bwd", "default_block_sizes", "schedule_for"]
 
@@ -209,11 +209,8 @@ def _resolve_mask(mask, shape, bq, bk, q_offset, kv_offset):
     mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + tuple(jnp.shape(mask)))
     if not _is_concrete(mask):
         return np.minimum(ragged, PARTIAL).astype(np.int8), None, (), (), mask
-    dense = np.asarray(mask)
-    any_map = mask_info.block_map_from_dense(np.broadcast_to(dense.any(axis=(0, 1)), (t, s)), bq, bk)
-    all_map = mask_info.block_map_from_dense(np.broadcast_to(dense.all(axis=(0, 1)), (t, s)), bq, bk)
-    block_map = np.where(any_map == EMPTY, EMPTY, np.where(all_map == FULL, FULL, PARTIAL)).astype(np.int8)
-    return block_map, None, (), (), mask
+    dense = np.broadcast_to(np.asarray(mask), mask.shape[:2] + (t, s))
+    return mask_info.shared_block_map(dense, bq, bk, axis=(0, 1)), None, (), (), mask
 
 
 def _pad_axis(x: Array, axis: int, length: int, value=0) -> Array:

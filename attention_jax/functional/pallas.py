@@ -125,7 +125,8 @@ def mask_spec(
     bias = mask_bias if bias is None else bias + mask_bias
     spec = MaskSpec(
         fn=None,
-        block_map=_dense_block_map(mask, t, s, block_q, block_k),
+        # One map per batch entry (computed at run time), shared by the heads.
+        block_map=mask_info.shared_block_map(jnp.broadcast_to(mask, mask.shape[:2] + (t, s)), block_q, block_k, 1),
         q_positions=mask_info.contiguous_positions(t, q_offset),
         kv_positions=mask_info.contiguous_positions(s, kv_offset),
         block_q=block_q,
@@ -153,20 +154,6 @@ def _spec_of_mask(mask: masks_lib.Mask, shape, block_q: int, block_k: int, q_off
         )
     with jax.ensure_compile_time_eval():  # from_fn / random_blocks evaluate jnp on the host
         return mask.spec(t, s, block_q, block_k, q_offset, kv_offset)
-
-
-def _dense_block_map(mask: Array, t: int, s: int, block_q: int, block_k: int) -> Array:
-    """``[Bm, nq, nk]`` block map of a boolean ``[Bm, Nm, Tm, Sm]`` mask (computed at run time)."""
-    nq, nk = mask_info.num_blocks(t, block_q), mask_info.num_blocks(s, block_k)
-    dense = jnp.broadcast_to(mask, mask.shape[:2] + (t, s))
-    pad = ((0, 0), (0, nq * block_q - t), (0, nk * block_k - s))
-
-    def tiles(x, fill):  # [Bm, T, S] -> [Bm, nq, bq, nk, bk]
-        return jnp.pad(x, pad, constant_values=fill).reshape(x.shape[0], nq, block_q, nk, block_k)
-
-    any_visible = tiles(dense.any(axis=1), False).any(axis=(2, 4))
-    all_visible = tiles(dense.all(axis=1), True).all(axis=(2, 4))
-    return jnp.where(all_visible, mask_info.FULL, jnp.where(any_visible, mask_info.PARTIAL, mask_info.EMPTY))
 
 
 # -- ring attention step (pallas_kernels.ring_attention's per-block interface) ---------------------
