@@ -160,19 +160,31 @@ def validate_block_map(block_map: np.ndarray, shape: Sequence[int]) -> np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
-    """Everything a kernel needs to apply a mask: the kernels' only view of masks.
+    """Everything a backend needs to apply a mask and a score mod: the one resolved description.
+
+    ``attention_jax`` resolves ``Mask | boolean array | None``, offsets, per-sequence positions and
+    the score mod into one spec per call; the reference, the blockwise XLA path, the Pallas kernels
+    and the ring steps all read it the same way.
 
     Attributes:
       fn: static elementwise mask function ``fn(q_pos, kv_pos, q_vals, kv_vals) -> bool``
         (see the module docstring); None means "everything visible" (padding still applies).
-      block_map: int32 ``[num_q_blocks, num_kv_blocks]`` block map for ``(block_q, block_k)``
-        tiles. A runtime array, so a ring step can pick its map with ``axis_index``.
-      q_positions: int32 ``[T]`` absolute position of each query (``offset + arange(T)`` for a
-        contiguous sequence; any order for ring layouts).
-      kv_positions: int32 ``[S]`` absolute position of each key.
+      block_map: int32 ``[nq, nk]`` or per sequence ``[B, nq, nk]`` block map for
+        ``(block_q, block_k)`` tiles. A run-time array, so a ring step can pick its map with
+        ``axis_index`` and a decode step can build it from per-sequence offsets.
+      q_positions: int32 ``[T]`` (shared by the batch) or ``[B, T]`` (per sequence: decoding with
+        a cache, packed batches) absolute position of each query; any order for ring layouts.
+      kv_positions: int32 ``[S]`` or ``[B, S]`` absolute position of each key.
       q_vals: per-query data ``fn`` reads, each ``[B, T]``.
       kv_vals: per-key data ``fn`` reads, each ``[B, S]``.
       block_q, block_k: the tile sizes ``block_map`` was built for.
+      score_fn: static elementwise score modification applied after the bias and before softcap
+        and the mask, ``score_fn(score, batch, head, q_pos, kv_pos, params) -> score``: ``score``
+        a float32 tile, the indices int32 arrays that broadcast against it (absolute positions),
+        ``params`` a tuple with, for each entry of ``score_params``, its value at the element's head
+        (broadcastable to ``score``). None: no score mod. Must use elementwise ``jnp`` ops only.
+      score_params: per-head float parameters of ``score_fn``, each ``[N]`` (e.g. ALiBi slopes, one
+        column of a T5 relative-bias table). Differentiable: backends return their gradients.
     """
 
     fn: Callable | None
@@ -183,17 +195,55 @@ class MaskSpec:
     kv_vals: tuple = ()
     block_q: int = 128
     block_k: int = 128
+    score_fn: Callable | None = None
+    score_params: tuple = ()
+
+    @property
+    def per_sequence(self) -> bool:
+        """Whether positions or the block map differ between the sequences of the batch."""
+        return jnp.ndim(self.q_positions) == 2 or jnp.ndim(self.kv_positions) == 2 or jnp.ndim(self.block_map) == 3
+
+    def positions(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        """``(q_positions [B, T], kv_positions [B, S])`` broadcast to the batch."""
+        q = jnp.asarray(self.q_positions, jnp.int32)
+        kv = jnp.asarray(self.kv_positions, jnp.int32)
+        return jnp.broadcast_to(q, (batch, q.shape[-1])), jnp.broadcast_to(kv, (batch, kv.shape[-1]))
+
+    def dense(self, batch: int) -> jax.Array | None:
+        """The mask evaluated on every (query, key) pair: bool ``[B or 1, 1, T, S]`` (None: no mask fn).
+
+        For the reference path and tests; the fast paths evaluate ``fn`` on tiles instead.
+        """
+        if self.fn is None:
+            return None
+        q_pos = jnp.asarray(self.q_positions, jnp.int32)[..., :, None]  # [T, 1] or [B, T, 1]
+        kv_pos = jnp.asarray(self.kv_positions, jnp.int32)[..., None, :]  # [1, S] or [B, 1, S]
+        q_vals = tuple(jnp.asarray(x)[:, :, None] for x in self.q_vals)  # [B, T, 1]
+        kv_vals = tuple(jnp.asarray(x)[:, None, :] for x in self.kv_vals)  # [B, 1, S]
+        visible = jnp.asarray(self.fn(q_pos, kv_pos, q_vals, kv_vals))
+        t, s = q_pos.shape[-2], kv_pos.shape[-1]
+        lead = batch if (visible.ndim == 3 and visible.shape[0] > 1) else 1
+        return jnp.broadcast_to(visible, (lead, t, s))[:, None]
+
+    def apply_score_fn(self, score, batch, head, q_pos, kv_pos, head_params):
+        """``score`` after the score mod (unchanged without one); ``head_params`` as ``score_fn`` takes them."""
+        if self.score_fn is None:
+            return score
+        return self.score_fn(score, batch, head, q_pos, kv_pos, tuple(head_params))
 
 
 def _flatten_spec(spec: MaskSpec):
-    children = (spec.block_map, spec.q_positions, spec.kv_positions, spec.q_vals, spec.kv_vals)
-    return children, (spec.fn, spec.block_q, spec.block_k)
+    children = (spec.block_map, spec.q_positions, spec.kv_positions, spec.q_vals, spec.kv_vals, spec.score_params)
+    return children, (spec.fn, spec.block_q, spec.block_k, spec.score_fn)
 
 
 def _unflatten_spec(aux, children):
-    fn, block_q, block_k = aux
-    block_map, q_positions, kv_positions, q_vals, kv_vals = children
-    return MaskSpec(fn, block_map, q_positions, kv_positions, tuple(q_vals), tuple(kv_vals), block_q, block_k)
+    fn, block_q, block_k, score_fn = aux
+    block_map, q_positions, kv_positions, q_vals, kv_vals, score_params = children
+    return MaskSpec(
+        fn, block_map, q_positions, kv_positions, tuple(q_vals), tuple(kv_vals), block_q, block_k, score_fn,
+        tuple(score_params),
+    )  # fmt: skip
 
 
 jax.tree_util.register_pytree_node(MaskSpec, _flatten_spec, _unflatten_spec)
