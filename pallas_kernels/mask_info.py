@@ -185,6 +185,9 @@ class MaskSpec:
         (broadcastable to ``score``). None: no score mod. Must use elementwise ``jnp`` ops only.
       score_params: per-head float parameters of ``score_fn``, each ``[N]`` (e.g. ALiBi slopes, one
         column of a T5 relative-bias table). Differentiable: backends return their gradients.
+      array: bool ``[Bm, Nm, T, S]`` (``Bm`` in {1, B}, ``Nm`` in {1, N}) visibility ANDed with ``fn``:
+        a boolean-array mask as the user gave it (per head if ``Nm == N``). Kernels read its tile in
+        PARTIAL tiles only; ``block_map`` already accounts for it. None: no array.
     """
 
     fn: Callable | None
@@ -197,6 +200,7 @@ class MaskSpec:
     block_k: int = 128
     score_fn: Callable | None = None
     score_params: tuple = ()
+    array: jax.Array | None = None
 
     @property
     def per_sequence(self) -> bool:
@@ -210,12 +214,13 @@ class MaskSpec:
         return jnp.broadcast_to(q, (batch, q.shape[-1])), jnp.broadcast_to(kv, (batch, kv.shape[-1]))
 
     def dense(self, batch: int) -> jax.Array | None:
-        """The mask evaluated on every (query, key) pair: bool ``[B or 1, 1, T, S]`` (None: no mask fn).
+        """The mask evaluated on every (query, key) pair: bool ``[B or 1, 1 or N, T, S]`` (None: all visible).
 
-        For the reference path and tests; the fast paths evaluate ``fn`` on tiles instead.
+        ``fn`` and ``array`` combined. For the reference path and tests; the fast paths evaluate
+        ``fn`` on tiles instead.
         """
         if self.fn is None:
-            return None
+            return None if self.array is None else jnp.asarray(self.array, bool)
         q_pos = jnp.asarray(self.q_positions, jnp.int32)[..., :, None]  # [T, 1] or [B, T, 1]
         kv_pos = jnp.asarray(self.kv_positions, jnp.int32)[..., None, :]  # [1, S] or [B, 1, S]
         q_vals = tuple(jnp.asarray(x)[:, :, None] for x in self.q_vals)  # [B, T, 1]
@@ -223,7 +228,8 @@ class MaskSpec:
         visible = jnp.asarray(self.fn(q_pos, kv_pos, q_vals, kv_vals))
         t, s = q_pos.shape[-2], kv_pos.shape[-1]
         lead = batch if (visible.ndim == 3 and visible.shape[0] > 1) else 1
-        return jnp.broadcast_to(visible, (lead, t, s))[:, None]
+        visible = jnp.broadcast_to(visible, (lead, t, s))[:, None]
+        return visible if self.array is None else visible & jnp.asarray(self.array, bool)
 
     def apply_score_fn(self, score, batch, head, q_pos, kv_pos, head_params):
         """``score`` after the score mod (unchanged without one); ``head_params`` as ``score_fn`` takes them."""
@@ -233,16 +239,18 @@ class MaskSpec:
 
 
 def _flatten_spec(spec: MaskSpec):
-    children = (spec.block_map, spec.q_positions, spec.kv_positions, spec.q_vals, spec.kv_vals, spec.score_params)
+    children = (
+        spec.block_map, spec.q_positions, spec.kv_positions, spec.q_vals, spec.kv_vals, spec.score_params, spec.array,
+    )  # fmt: skip
     return children, (spec.fn, spec.block_q, spec.block_k, spec.score_fn)
 
 
 def _unflatten_spec(aux, children):
     fn, block_q, block_k, score_fn = aux
-    block_map, q_positions, kv_positions, q_vals, kv_vals, score_params = children
+    block_map, q_positions, kv_positions, q_vals, kv_vals, score_params, array = children
     return MaskSpec(
         fn, block_map, q_positions, kv_positions, tuple(q_vals), tuple(kv_vals), block_q, block_k, score_fn,
-        tuple(score_params),
+        tuple(score_params), array,
     )  # fmt: skip
 
 
