@@ -13,14 +13,15 @@ map (EMPTY tiles are never loaded, FULL tiles run without mask arithmetic, PARTI
 padding and arbitrary ``from_fn`` masks all go through one mechanism. Lengths need not be multiples
 of the blocks: inputs are padded and the padding masked internally.
 
-Three kernel bodies sit behind the entry point: Triton-style programs that loop over their visit
-list inside the kernel (``_flash_gpu``, forward and backward on GPUs), warp-specialised Hopper
-kernels in Mosaic GPU for the forward (``_flash_sm90``) and dK/dV (``_flash_sm90_dkv``) (TMA loads,
-``wgmma``; chosen automatically on sm90 for the calls they support, see ``forward_kernel`` and
-``backward_kernel``), and Mosaic TPU grid-pipelined kernels whose K/V index maps follow the
-scalar-prefetched visit list (``_flash_tpu``). All share the visit plans (``_flash_plan``) and the
-tile math (``_flash_tile``). On CPU the Triton and TPU bodies run in interpret mode; the Hopper
-kernels are tested by lowering them for CUDA.
+Three kernel bodies sit behind the entry point, each in a file named by its lowering: Triton-style
+programs that loop over their visit list inside the kernel (``_flash_triton``, forward and backward
+on GPUs), warp-specialised Hopper kernels in Mosaic GPU for the forward (``_flash_mosaic_gpu_sm90``)
+and dK/dV (``_flash_mosaic_gpu_sm90_dkv``) (TMA loads, ``wgmma``; chosen automatically on sm90 for
+the calls they support, see ``forward_kernel`` and ``backward_kernel``), and Mosaic TPU grid-
+pipelined kernels whose K/V index maps follow the scalar-prefetched visit list
+(``_flash_mosaic_tpu``). All share the visit plans (``_flash_plan``) and the tile math
+(``_flash_tile``). On CPU the Triton and TPU bodies run in interpret mode; the Hopper kernels are
+tested by lowering them for CUDA.
 
 >>> import jax, jax.numpy as jnp
 >>> from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
@@ -42,7 +43,13 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from pallas_kernels import _flash_gpu, _flash_plan, _flash_sm90, _flash_sm90_dkv, _flash_tpu
+from pallas_kernels import (
+    _flash_mosaic_gpu_sm90,
+    _flash_mosaic_gpu_sm90_dkv,
+    _flash_mosaic_tpu,
+    _flash_plan,
+    _flash_triton,
+)
 from pallas_kernels._flash_plan import Geometry, Plan
 from pallas_kernels._flash_tile import LOG2E, TileMath
 from pallas_kernels.mask_info import MaskSpec
@@ -176,23 +183,23 @@ class _Config:
         """The ``interpret`` argument of ``pallas_call`` for this body."""
         if not self.interpret_mode:
             return False
-        return _flash_tpu.interpret_params() if self.backend == "tpu" else True
+        return _flash_mosaic_tpu.interpret_params() if self.backend == "tpu" else True
 
     @property
     def body(self):
         """The module of the backward kernels (and of the forward unless ``forward_body`` differs)."""
-        return _flash_tpu if self.backend == "tpu" else _flash_gpu
+        return _flash_mosaic_tpu if self.backend == "tpu" else _flash_triton
 
     @property
     def forward_body(self):
         if self.backend == "gpu" and self.forward_kernel == "mosaic_gpu":
-            return _flash_sm90
+            return _flash_mosaic_gpu_sm90
         return self.body
 
     @property
     def dkv_body(self):
         if self.backend == "gpu" and self.backward_kernel == "mosaic_gpu":
-            return _flash_sm90_dkv
+            return _flash_mosaic_gpu_sm90_dkv
         return self.body
 
 
@@ -260,28 +267,30 @@ def _gpu_kernels(
         return "triton"
 
     def forward_reason(geom):
-        reason = _flash_sm90.unsupported_reason(
+        reason = _flash_mosaic_gpu_sm90.unsupported_reason(
             dtype=q.dtype, head_dim=geom.head_dim_padded, value_head_dim=geom.value_head_dim_padded,
             has_bias=bias is not None, out_dtype=out_dtype or q.dtype, block_k=geom.fwd[1],
         )  # fmt: skip
-        if reason is None and geom.fwd[0] != _flash_sm90.BLOCK_ROWS:
-            reason = f"T * G = {geom.rows} rows (needs more than {_flash_sm90.BLOCK_ROWS // 2})"
+        if reason is None and geom.fwd[0] != _flash_mosaic_gpu_sm90.BLOCK_ROWS:
+            reason = f"T * G = {geom.rows} rows (needs more than {_flash_mosaic_gpu_sm90.BLOCK_ROWS // 2})"
         return reason
 
     def dkv_reason(geom):
-        reason = _flash_sm90_dkv.unsupported_reason(
+        reason = _flash_mosaic_gpu_sm90_dkv.unsupported_reason(
             dtype=q.dtype, head_dim=geom.head_dim_padded, value_head_dim=geom.value_head_dim_padded,
             has_bias=bias is not None, grad_dtype=grad_dtype, block_rows=geom.dkv[0],
         )  # fmt: skip
-        if reason is None and geom.dkv[1] != _flash_sm90_dkv.BLOCK_KEYS:
-            reason = f"S = {geom.kv_len} keys (needs more than {_flash_sm90_dkv.BLOCK_KEYS // 2})"
+        if reason is None and geom.dkv[1] != _flash_mosaic_gpu_sm90_dkv.BLOCK_KEYS:
+            reason = f"S = {geom.kv_len} keys (needs more than {_flash_mosaic_gpu_sm90_dkv.BLOCK_KEYS // 2})"
         return reason
 
-    hopper_fwd = dataclasses.replace(block_sizes, block_q=_flash_sm90.BLOCK_ROWS, block_k=block_sizes.block_k_wgmma)
+    hopper_fwd = dataclasses.replace(
+        block_sizes, block_q=_flash_mosaic_gpu_sm90.BLOCK_ROWS, block_k=block_sizes.block_k_wgmma
+    )
     fwd = decide("forward_kernel", forward_kernel, hopper_fwd, forward_reason)
     blocks = hopper_fwd if fwd == "mosaic_gpu" else block_sizes
     hopper_dkv = dataclasses.replace(
-        blocks, block_q_dkv=max(64, blocks.block_q_dkv), block_k_dkv=_flash_sm90_dkv.BLOCK_KEYS
+        blocks, block_q_dkv=max(64, blocks.block_q_dkv), block_k_dkv=_flash_mosaic_gpu_sm90_dkv.BLOCK_KEYS
     )
     bwd = decide("backward_kernel", backward_kernel, hopper_dkv, dkv_reason)
     return fwd, bwd, hopper_dkv if bwd == "mosaic_gpu" else blocks

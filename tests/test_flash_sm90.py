@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close
 
 from attention_jax import masks
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference, mask_block_shape
-from tests.helpers import assert_close
 
 fa = importlib.import_module("pallas_kernels.flash_attention")  # the module (the package exports the function)
 
@@ -152,7 +152,7 @@ def test_default_dispatch_follows_the_device():
     cfg, _ = fa._prepare(q, q, q, mask=None, scale=None, softcap=None, bias=None, block_sizes=None, backend=None,
                          interpret=None)  # fmt: skip
     if fa._is_hopper():
-        assert (cfg.forward_body, cfg.dkv_body) == (fa._flash_sm90, fa._flash_sm90_dkv)
+        assert (cfg.forward_body, cfg.dkv_body) == (fa._flash_mosaic_gpu_sm90, fa._flash_mosaic_gpu_sm90_dkv)
     else:  # CPU (interpreted Triton), other GPUs, TPU: never the Hopper kernels
         assert (cfg.forward_kernel, cfg.backward_kernel) == ("triton", "triton")
         assert cfg.forward_body is cfg.dkv_body is cfg.body

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._flash_sm90 import (
+from pallas_kernels._flash_mosaic_gpu_sm90 import (
     _COMPUTE_REGISTERS,
     _MEMORY_REGISTERS,
     DTYPES,
@@ -190,7 +190,7 @@ def _dkv_kernel(
 
 
 def backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype=None):
-    """``dk [B, Sp, K, H]`` and ``dv [B, Sp, K, H]`` in the input dtype (layouts of ``_flash_gpu``)."""
+    """``dk [B, Sp, K, H]`` and ``dv [B, Sp, K, H]`` in the input dtype (layouts of ``_flash_triton``)."""
     geom = cfg.geom
     block_rows, block_k = geom.dkv
     b, rows, kh, hp = q.shape

@@ -16,7 +16,7 @@ never loaded. Both compute warpgroups walk the same list (the CTA's), so they st
 
 Scope (the entry point falls back to the Triton body otherwise): bf16/f16, ``H == Hv`` of 64, 128
 or 256 after padding to a power of two (96 runs as 128), no additive bias, output in the input
-dtype. Layouts as in ``_flash_gpu``: ``q [B, Rp, K, H]`` rows, ``k/v [B, Sp, K, H]``, ``lse [B, K, Rp]``
+dtype. Layouts as in ``_flash_triton``: ``q [B, Rp, K, H]`` rows, ``k/v [B, Sp, K, H]``, ``lse [B, K, Rp]``
 float32. There is no CPU interpreter for this kernel; tests lower it for CUDA.
 """
 
