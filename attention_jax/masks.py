@@ -47,6 +47,7 @@ __all__ = [
     "random_blocks",
     "full",
     "from_fn",
+    "valid_keys",
     "as_mask",
 ]
 
@@ -96,10 +97,11 @@ class Mask:
         return self.num_q_arrays == 0 and self.num_kv_arrays == 0
 
     # -- public API ------------------------------------------------------------------------------
-    def fn(self, kv_len: int) -> Callable[..., Array]:
+    def fn(self, kv_len: int | None) -> Callable[..., Array]:
         """Elementwise mask function ``fn(q_pos, kv_pos, q_vals, kv_vals) -> bool``.
 
-        ``kv_len`` is the total key length the positions live in (only ``random_blocks`` uses it).
+        ``kv_len`` is the total key length the positions live in, None when unknown at trace time
+        (only ``random_blocks`` uses it).
         """
         return _MaskFunction(self, kv_len)
 
@@ -128,7 +130,7 @@ class Mask:
         q_vals, kv_vals = self.arrays(q_len, kv_len)
         q_vals = tuple(v[:, :, None] for v in q_vals)  # [B, T, 1]
         kv_vals = tuple(v[:, None, :] for v in kv_vals)  # [B, 1, S]
-        out = self.fn(_total_length(kv_len, kv_offset, kv_positions))(q_pos, kv_pos, q_vals, kv_vals)
+        out = self.fn(total_length(kv_len, kv_offset, kv_positions))(q_pos, kv_pos, q_vals, kv_vals)
         lead = (max(v.shape[0] for v in q_vals + kv_vals),) if q_vals + kv_vals else ()
         return jnp.broadcast_to(out, lead + (q_len, kv_len))
 
@@ -167,14 +169,17 @@ class Mask:
             kv_lo, kv_hi = mask_info.block_bounds_from_positions(
                 _host_positions("kv_positions", kv_positions, kv_len), block_k
             )
-        total = _total_length(kv_len, kv_offset, kv_positions)
+        total = total_length(kv_len, kv_offset, kv_positions)
         blocks = self._block_map_bounds(q_lo[:, None], q_hi[:, None], kv_lo[None, :], kv_hi[None, :], total)
         if blocks is None:  # no structure to use: classify the dense mask (from_fn only)
             dense = np.asarray(
                 self.dense(q_len, kv_len, q_offset, kv_offset, q_positions=q_positions, kv_positions=kv_positions)
             )
-            dense = dense.any(0) if dense.ndim == 3 else dense
-            return mask_info.block_map_from_dense(dense, block_q, block_k)
+            if dense.ndim == 2:
+                return mask_info.block_map_from_dense(dense, block_q, block_k)
+            # One map for every sequence: FULL only where the tile is full in all of them (a
+            # union would skip the mask of a sequence whose data hides part of the tile).
+            return mask_info.shared_block_map(dense, block_q, block_k, axis=0)
         complete = mask_info.kv_tiles_complete(kv_len, block_k, len(q_lo))
         return np.where((blocks == FULL) & ~complete, PARTIAL, blocks).astype(np.int8)
 
@@ -196,7 +201,7 @@ class Mask:
         )
         q_vals, kv_vals = self.arrays(q_len, kv_len)
         return mask_info.MaskSpec(
-            fn=self.fn(_total_length(kv_len, kv_offset, kv_positions)),
+            fn=self.fn(total_length(kv_len, kv_offset, kv_positions)),
             block_map=jnp.asarray(block_map, jnp.int32),
             q_positions=_positions("q_positions", q_positions, q_len, q_offset),
             kv_positions=_positions("kv_positions", kv_positions, kv_len, kv_offset),
@@ -206,11 +211,52 @@ class Mask:
             block_k=block_k,
         )
 
+    def runtime_block_map(
+        self, q_positions: Array, kv_positions: Array, block_q: int, block_k: int, kv_len: int | None = None
+    ) -> Array:
+        """Block map computed at run time from traced positions: int32 ``[B or 1, nq, nk]``.
+
+        ``q_positions`` ``[T]`` or ``[B, T]`` and ``kv_positions`` ``[S]`` or ``[B, S]`` may be traced
+        (per-sequence decode offsets, offsets under ``jit``): the structural part of the mask still
+        classifies tiles exactly from their position bounds, so decoding keeps block skipping.
+        Masks with no structure to use at run time (``from_fn``, ``random_blocks``) and data masks
+        are PARTIAL. The ragged last key block is never FULL. ``kv_len``: total key length, as in
+        :meth:`fn`.
+        """
+        q_positions = jnp.asarray(q_positions, jnp.int32)
+        kv_positions = jnp.asarray(kv_positions, jnp.int32)
+        q_lo, q_hi = mask_info.position_block_bounds(q_positions.reshape(-1, q_positions.shape[-1]), block_q)
+        kv_lo, kv_hi = mask_info.position_block_bounds(kv_positions.reshape(-1, kv_positions.shape[-1]), block_k)
+        nq, nk = q_lo.shape[-1], kv_lo.shape[-1]
+        lead = max(q_lo.shape[0], kv_lo.shape[0])
+        q_lo, q_hi = q_lo[:, :, None], q_hi[:, :, None]  # [B or 1, nq, 1]
+        kv_lo, kv_hi = kv_lo[:, None, :], kv_hi[:, None, :]  # [B or 1, 1, nk]
+        blocks = self._block_map_bounds(q_lo, q_hi, kv_lo, kv_hi, kv_len)
+        if blocks is None:
+            blocks = jnp.full((1, 1, 1), PARTIAL, jnp.int32)
+        complete = mask_info.kv_tiles_complete(kv_positions.shape[-1], block_k, nq)
+        blocks = jnp.where(jnp.asarray(complete), blocks, jnp.minimum(blocks, PARTIAL))
+        return jnp.broadcast_to(blocks, (lead, nq, nk)).astype(jnp.int32)
+
     def _block_map_bounds(self, q_lo, q_hi, kv_lo, kv_hi, kv_len):
         blocks = self._blocks(q_lo, q_hi, kv_lo, kv_hi, kv_len)
         if blocks is None:
             return None
-        return np.broadcast_to(blocks, (q_lo.shape[0], kv_lo.shape[1])).astype(np.int8)
+        xp = mask_info._array_module(blocks, q_lo, kv_lo)
+        shape = np.broadcast_shapes(q_lo.shape, kv_lo.shape)
+        return xp.broadcast_to(xp.asarray(blocks), shape).astype(xp.int8)
+
+    def jax_nn_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of ``jax.nn.dot_product_attention`` that express this mask.
+
+        ``causal()``, ``sliding_window`` and ``padding``, alone or combined with ``&``, map to
+        ``is_causal``, ``local_window_size`` and the ``*_seq_lengths``; anything else raises a
+        ``ValueError`` naming the part that has no equivalent (the cuDNN backend asks this).
+
+        >>> (causal() & sliding_window(4)).jax_nn_arguments()
+        {'is_causal': True, 'local_window_size': (4, 0)}
+        """
+        raise ValueError(f"{self!r} has no equivalent in jax.nn.dot_product_attention.")
 
     # -- algebra -----------------------------------------------------------------------------------
     def __and__(self, other: Mask) -> Mask:
@@ -245,9 +291,9 @@ class _MaskFunction:
     arrays are replaced by placeholders: the function reads data only through ``q_vals/kv_vals``.
     """
 
-    def __init__(self, mask: Mask, kv_len: int):
+    def __init__(self, mask: Mask, kv_len: int | None):
         self.mask = jax.tree.map(lambda _: 0, mask)
-        self.kv_len = int(kv_len)
+        self.kv_len = None if kv_len is None else int(kv_len)
         self._fn = self.mask._fn(self.kv_len)
 
     def __call__(self, q_pos, kv_pos, q_vals=(), kv_vals=()):
@@ -294,17 +340,20 @@ def _host_positions(name: str, positions: Any, length: int) -> np.ndarray:
     return positions
 
 
-def _total_length(kv_len: int, kv_offset: Any, kv_positions: Any) -> int:
-    """Length of the key sequence the positions index into (random_blocks picks blocks of it)."""
+def total_length(kv_len: int, kv_offset: Any = 0, kv_positions: Any = None) -> int | None:
+    """Length of the key sequence the positions index into (random_blocks picks blocks of it).
+
+    None when it is unknown at trace time (traced or per-sequence offsets or positions).
+    """
     if kv_positions is not None:
         try:
             return int(np.max(np.asarray(kv_positions))) + 1
-        except jax.errors.TracerArrayConversionError:
-            return kv_len
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return None
     try:
         return int(kv_offset) + kv_len
     except (TypeError, jax.errors.ConcretizationTypeError):
-        return kv_len
+        return None
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -336,6 +385,9 @@ class _Full(_Static):
     def _static_key(self):
         return ()
 
+    def jax_nn_arguments(self):
+        return {}
+
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class _Causal(_Static):
@@ -350,6 +402,11 @@ class _Causal(_Static):
 
     def _static_key(self):
         return (self.offset,)
+
+    def jax_nn_arguments(self):
+        if self.offset != 0:
+            return super().jax_nn_arguments()
+        return {"is_causal": True}
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -368,6 +425,9 @@ class _SlidingWindow(_Static):
 
     def _static_key(self):
         return (self.left, self.right)
+
+    def jax_nn_arguments(self):
+        return {"local_window_size": (self.left, self.right)}
 
 
 def _floor_div(x, n: int):
@@ -435,10 +495,11 @@ class _GlobalTokens(_Static):
         return fn
 
     def _blocks(self, q_lo, q_hi, kv_lo, kv_hi, kv_len):
-        g = np.asarray(sorted(self.indices), dtype=np.int64)
+        xp = mask_info._array_module(q_lo, kv_lo)
+        g = xp.asarray(sorted(self.indices), dtype=xp.int32 if xp is jnp else np.int64)
 
         def count_in(lo, hi):  # how many global indices fall in [lo, hi]
-            return np.searchsorted(g, hi, side="right") - np.searchsorted(g, lo, side="left")
+            return xp.searchsorted(g, hi, side="right") - xp.searchsorted(g, lo, side="left")
 
         q_count, kv_count = count_in(q_lo, q_hi), count_in(kv_lo, kv_hi)
         all_visible = (q_count == q_hi - q_lo + 1) | (kv_count == kv_hi - kv_lo + 1)
@@ -464,9 +525,10 @@ class _Dilated(_Static):
 
     def _blocks(self, q_lo, q_hi, kv_lo, kv_hi, kv_len):
         # Smallest |q - kv| over the tile: 0 if the ranges overlap, else the gap between them.
-        min_distance = np.maximum(0, np.maximum(kv_lo - q_hi, q_lo - kv_hi))
+        xp = mask_info._array_module(q_lo, kv_lo)
+        min_distance = xp.maximum(0, xp.maximum(kv_lo - q_hi, q_lo - kv_hi))
         any_visible = min_distance <= self.window
-        max_distance = np.maximum(np.abs(kv_hi - q_lo), np.abs(q_hi - kv_lo))
+        max_distance = xp.maximum(xp.abs(kv_hi - q_lo), xp.abs(q_hi - kv_lo))
         all_visible = (self.dilation == 1) & (max_distance <= self.window)
         return mask_info.classify(all_visible, any_visible)
 
@@ -492,9 +554,17 @@ class _RandomBlocks(_Static):
     block: int
     num_blocks: int
     seed: int
+    kv_len: int | None = None
 
-    def _selector(self, kv_len: int):
-        n = mask_info.num_blocks(kv_len, self.block)
+    def _selector(self, kv_len: int | None):
+        kv_len = self.kv_len if self.kv_len is not None else kv_len
+        if kv_len is None:
+            raise ValueError(
+                "random_blocks picks among the key blocks of the whole key sequence, whose length is unknown here "
+                "(traced or per-sequence offsets, e.g. decoding); pass it: random_blocks(..., kv_len=total)."
+            )
+        # At least one block, also when offsets put every key before position 0 (a rolling cache).
+        n = max(1, mask_info.num_blocks(max(int(kv_len), 1), self.block))
         # Visit key blocks in a seed-dependent order kb -> (kb * stride) mod n; a query block takes a
         # run of num_blocks consecutive entries of that order from a hashed start: exact count, no
         # repeats, and an elementwise formula.
@@ -516,6 +586,8 @@ class _RandomBlocks(_Static):
         return lambda q_pos, kv_pos, q_vals, kv_vals: select(q_pos // block, kv_pos // block)
 
     def _blocks(self, q_lo, q_hi, kv_lo, kv_hi, kv_len):
+        if mask_info._array_module(q_lo, kv_lo) is jnp:
+            return None  # run-time bounds: no static loop over pattern blocks (PARTIAL, still exact)
         # Visibility is constant on each (query block, key block) pair of the random pattern, so a
         # tile is classified by the pattern blocks it overlaps, whatever the tile size.
         qb_lo, qb_hi = q_lo // self.block, q_hi // self.block
@@ -532,7 +604,7 @@ class _RandomBlocks(_Static):
         return mask_info.classify(all_visible, any_visible)
 
     def _static_key(self):
-        return (self.block, self.num_blocks, self.seed)
+        return (self.block, self.num_blocks, self.seed, self.kv_len)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -634,8 +706,49 @@ class _Padding(Mask):
     def _static_key(self):
         return (self.q_lengths is not None, self.kv_lengths is not None)
 
+    def jax_nn_arguments(self):
+        out = {}
+        if self.q_lengths is not None:
+            out["query_seq_lengths"] = self.q_lengths
+        if self.kv_lengths is not None:
+            out["key_value_seq_lengths"] = self.kv_lengths
+        return out
+
     def tree_flatten(self):
         return (self.q_lengths, self.kv_lengths), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+@jax.tree_util.register_pytree_node_class
+class _ValidKeys(Mask):
+    """Key slot ``j`` of sequence ``b`` exists iff ``valid[b, j]`` (a cache's written slots)."""
+
+    def __init__(self, valid):
+        self.valid = valid
+
+    num_kv_arrays = 1
+
+    def kv_arrays(self, kv_len):
+        shape = jnp.shape(self.valid)
+        if len(shape) != 2 or shape[1] != kv_len:
+            raise ValueError(f"valid must have shape [B, S] with S={kv_len}, got valid.shape={shape}.")
+        return (jnp.asarray(self.valid, jnp.int32),)
+
+    def _fn(self, kv_len):
+        return lambda q_pos, kv_pos, q_vals, kv_vals: jnp.broadcast_to(
+            kv_vals[0] != 0, jnp.broadcast_shapes(q_pos.shape, kv_pos.shape, kv_vals[0].shape)
+        )
+
+    _blocks = staticmethod(_data_blocks)
+
+    def _static_key(self):
+        return ()
+
+    def tree_flatten(self):
+        return (self.valid,), None
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -724,6 +837,13 @@ class _And(_Binary):
     _combine_fn = staticmethod(jnp.logical_and)
     _combine_blocks = staticmethod(mask_info.block_and)
     _symbol = "&"
+
+    def jax_nn_arguments(self):
+        a, b = self.a.jax_nn_arguments(), self.b.jax_nn_arguments()
+        both = sorted(set(a) & set(b))
+        if both:
+            raise ValueError(f"{self!r} sets {both} twice; jax.nn.dot_product_attention takes each once.")
+        return {**a, **b}
 
 
 @jax.tree_util.register_pytree_node_class
@@ -857,6 +977,21 @@ def padding(q_lengths: Array | None = None, kv_lengths: Array | None = None) -> 
     return _Padding(q_lengths, kv_lengths)
 
 
+def valid_keys(valid: Array) -> Mask:
+    """Only the key slots marked True exist (e.g. the written slots of a KV cache).
+
+    Args:
+      valid: bool ``[B, S]``.
+
+    >>> import jax.numpy as jnp
+    >>> valid_keys(jnp.array([[True, False, True]])).dense(1, 3).astype(int)[0].tolist()
+    [[1, 0, 1]]
+    """
+    if jnp.ndim(valid) != 2:
+        raise ValueError(f"valid must have shape [B, S], got valid.shape={jnp.shape(valid)}.")
+    return _ValidKeys(valid)
+
+
 def prefix_lm(prefix_length: int) -> Mask:
     """Prefix-LM: every query sees the first ``prefix_length`` keys, and causal beyond them."""
     return _KeyPrefix(_positive_int("prefix_length", prefix_length, minimum=0)) | causal()
@@ -880,13 +1015,19 @@ def dilated(window: int, dilation: int) -> Mask:
     return _Dilated(_positive_int("window", window), _positive_int("dilation", dilation))
 
 
-def random_blocks(block: int, num_blocks: int, seed: int = 0) -> Mask:
+def random_blocks(block: int, num_blocks: int, seed: int = 0, *, kv_len: int | None = None) -> Mask:
     """BigBird random attention: each query block of ``block`` positions sees ``num_blocks`` key blocks.
 
     The choice is a deterministic function of ``seed``, the block indices and the number of key
-    blocks, so every implementation sees the same pattern.
+    blocks ``ceil(kv_len / block)``, so every implementation sees the same pattern. ``kv_len`` is
+    the total key length; by default that of the call (``kv_offset + S``), which must then be
+    known at trace time: pass ``kv_len`` when offsets are traced or differ per sequence (decoding).
     """
-    return _RandomBlocks(_positive_int("block", block), _positive_int("num_blocks", num_blocks), int(seed))
+    if kv_len is not None:
+        kv_len = _positive_int("kv_len", kv_len)
+    return _RandomBlocks(
+        _positive_int("block", block), _positive_int("num_blocks", num_blocks), int(seed), kv_len
+    )
 
 
 def from_fn(fn: Callable[[Array, Array], Array]) -> Mask:

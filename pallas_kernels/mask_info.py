@@ -68,29 +68,51 @@ def block_bounds_from_positions(positions: np.ndarray, block: int) -> tuple[np.n
     return tiles.min(axis=1), tiles.max(axis=1)
 
 
-def block_and(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Block map of ``mask_a & mask_b``: empty if either is, full if both are, else partial."""
-    return np.minimum(a, b)
+def _array_module(*xs):
+    """``jax.numpy`` if any of ``xs`` is a JAX array (tracers included), else ``numpy``: host maps stay static."""
+    return jnp if any(isinstance(x, jax.Array) for x in xs) else np
 
 
-def block_or(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Block map of ``mask_a | mask_b``: full if either is, empty if both are, else partial."""
-    return np.maximum(a, b)
+def position_block_bounds(positions, block: int):
+    """Smallest and largest position in each block of ``positions [..., L]`` (numpy or JAX, traced too).
+
+    The run-time counterpart of :func:`block_bounds_from_positions`, with leading (batch) dims:
+    returns ``lo, hi`` of shape ``[..., ceil(L / block)]``; the ragged last block is padded with
+    its last position, which changes neither bound.
+
+    >>> import jax.numpy as jnp
+    >>> lo, hi = position_block_bounds(jnp.array([[5, 6, 7], [0, 1, 2]]), 2)
+    >>> lo.tolist(), hi.tolist()
+    ([[5, 7], [0, 2]], [[6, 7], [1, 2]])
+    """
+    xp = _array_module(positions)
+    positions = xp.asarray(positions)
+    *lead, length = positions.shape
+    n = num_blocks(length, block)
+    last = positions[..., -1:]
+    padded = xp.concatenate([positions, xp.broadcast_to(last, (*lead, n * block - length))], axis=-1)
+    tiles = padded.reshape(*lead, n, block)
+    return tiles.min(axis=-1), tiles.max(axis=-1)
 
 
-def block_not(a: np.ndarray) -> np.ndarray:
+def block_and(a, b):
+    """Block map of ``mask_a & mask_b``: empty if either is, full if both are, else partial (numpy or JAX)."""
+    return _array_module(a, b).minimum(a, b)
+
+
+def block_or(a, b):
+    """Block map of ``mask_a | mask_b``: full if either is, empty if both are, else partial (numpy or JAX)."""
+    return _array_module(a, b).maximum(a, b)
+
+
+def block_not(a):
     """Block map of ``~mask``: empty and full swap, partial stays partial."""
     return (FULL - a).astype(a.dtype)
 
 
-def _array_module(x):
-    """``jax.numpy`` for JAX arrays (tracers included), ``numpy`` otherwise: host maps stay static."""
-    return jnp if isinstance(x, jax.Array) else np
-
-
 def classify(all_visible, any_visible):
     """Turn per-block ``all``/``any`` visibility flags into a block map (numpy or JAX, like the flags)."""
-    xp = _array_module(all_visible)
+    xp = _array_module(all_visible, any_visible)
     return xp.where(all_visible, FULL, xp.where(any_visible, PARTIAL, EMPTY)).astype(np.int8)
 
 
