@@ -8,26 +8,37 @@ from helpers import assert_close, random_qkv
 
 import attention_jax as aj
 from attention_jax import masks
-from attention_jax.functional import cudnn
+from attention_jax.functional.backends import cudnn
 
 ON_GPU = jax.default_backend() == "gpu"
 
 
-def test_translates_the_masks_cudnn_serves():
+def test_masks_answer_the_jax_nn_arguments_cudnn_takes():
     lengths = jnp.array([3, 4])
-    assert cudnn._translate_mask(masks.causal()) == {"is_causal": True}
-    assert cudnn._translate_mask(masks.causal() & masks.sliding_window(8)) == {
+    assert masks.causal().jax_nn_arguments() == {"is_causal": True}
+    assert (masks.causal() & masks.sliding_window(8)).jax_nn_arguments() == {
         "is_causal": True,
         "local_window_size": (8, 0),
     }
-    got = cudnn._translate_mask(masks.padding(kv_lengths=lengths))
+    got = masks.padding(kv_lengths=lengths).jax_nn_arguments()
     assert set(got) == {"key_value_seq_lengths"} and got["key_value_seq_lengths"] is lengths
+    assert cudnn._mask_arguments(masks.causal()) == {"is_causal": True}
 
 
-@pytest.mark.parametrize("mask", [masks.chunked(4), masks.causal(offset=2), masks.causal() | masks.global_tokens([0])])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.chunked(4),
+        masks.causal(offset=2),
+        masks.causal() | masks.global_tokens([0]),
+        masks.sliding_window(2) & masks.sliding_window(3),
+    ],
+)
 def test_refuses_masks_it_cannot_serve(mask):
-    with pytest.raises(ValueError, match="cudnn"):
-        cudnn._translate_mask(mask)
+    with pytest.raises(ValueError, match="jax.nn"):
+        mask.jax_nn_arguments()
+    with pytest.raises(NotImplementedError, match="cuDNN serves"):
+        cudnn._mask_arguments(mask)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU error")

@@ -1,9 +1,11 @@
 """Pure attention functions: no parameters, the math of every variant.
 
-``dot_product_attention`` dispatches to the reference, the blockwise XLA path, the Pallas
-kernels or cuDNN; the other ops are the variants that the modules in ``attention_jax.nn`` wrap.
+``dot_product_attention`` validates once, resolves the mask once into a ``MaskSpec`` and runs
+one of ``backends`` (reference, blockwise XLA path, Pallas kernels, cuDNN); the other ops are
+the variants that the modules in ``attention_jax.nn`` wrap.
 """
 
+from attention_jax.functional import backends
 from attention_jax.functional.additive import additive_attention, additive_scores, luong_attention, luong_scores
 from attention_jax.functional.delta_rule import FastWeightState, delta_rule_attention, delta_rule_step
 from attention_jax.functional.differential import differential_attention, lambda_init
@@ -28,6 +30,7 @@ __all__ = [
     "LinearAttentionState",
     "PerformerState",
     "additive_attention",
+    "backends",
     "additive_scores",
     "attention_weights",
     "bigbird_attention",

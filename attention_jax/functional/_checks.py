@@ -12,8 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-IMPLEMENTATIONS = ("reference", "blockwise", "pallas", "cudnn")
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,23 +71,59 @@ def check_broadcastable(name: str, x: Any, shape: AttentionShape) -> None:
         raise ValueError(f"{name} must be broadcastable to [B, N, T, S]={list(target)}, got {name}.shape={x_shape}.")
 
 
-def check_implementation(implementation: str | None) -> str | None:
-    if implementation in (None, "auto"):
-        return None
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None, 'auto' or one of {IMPLEMENTATIONS}, got {implementation=!r}.")
-    return implementation
-
-
 def check_scale(scale: Any, head_dim: int) -> float | jax.Array:
+    """``1 / sqrt(H)`` for None; else a real number or a float scalar array (traced is fine)."""
     if scale is None:
         return 1.0 / float(head_dim) ** 0.5
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float, np.number)) or hasattr(scale, "dtype")):
+        raise ValueError(f"scale must be a real number or a scalar float array, got {scale=!r}.")
+    if isinstance(scale, (int, float, np.number)):
+        return float(scale)
+    if jnp.ndim(scale) != 0:
+        raise ValueError(f"scale must be a scalar, got scale.shape={jnp.shape(scale)}.")
+    if not jnp.issubdtype(jnp.result_type(scale), jnp.floating):
+        raise ValueError(f"scale must be a float, got dtype {jnp.result_type(scale)}.")
     return scale
 
 
 def check_softcap(softcap: Any) -> float | None:
+    """None or a positive static number (Python or numpy scalar, or a concrete 0-d array)."""
     if softcap is None:
         return None
-    if not isinstance(softcap, (int, float)) or softcap <= 0:
+    number = isinstance(softcap, (int, float, np.number)) or hasattr(softcap, "dtype")
+    try:
+        value = float(softcap) if number and not isinstance(softcap, bool) and jnp.ndim(softcap) == 0 else None
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"softcap must be a static positive number or None, got a traced {softcap=!r}.") from None
+    if value is None or not value > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap=!r}.")
-    return float(softcap)
+    return value
+
+
+def check_offsets(q_offset: Any, kv_offset: Any, batch: int) -> None:
+    """Offsets are integer scalars (static or traced) or ``[B]`` arrays (one per sequence)."""
+    for name, value in (("q_offset", q_offset), ("kv_offset", kv_offset)):
+        if isinstance(value, bool) or jnp.ndim(value) not in (0, 1):
+            raise ValueError(f"{name} must be an integer or an integer array of shape [B], got {name}={value!r}.")
+        if jnp.ndim(value) == 1 and jnp.shape(value) != (batch,):
+            raise ValueError(f"{name} must have shape [B]=[{batch}], got {name}.shape={jnp.shape(value)}.")
+        if not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+            raise ValueError(f"{name} must be an integer, got dtype {jnp.result_type(value)}.")
+
+
+def check_dropout(rate: Any, rng: Any) -> float:
+    """A static rate in ``[0, 1)``; a PRNG key is required when the rate is positive."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)) or not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"dropout_rate must be a number in [0, 1), got {rate=!r}.")
+    if rate > 0 and rng is None:
+        raise ValueError(f"dropout_rate={rate} needs dropout_rng (a jax.random key); pass dropout_rate=0 to disable.")
+    return float(rate)
+
+
+def check_implementation(implementation: Any, names: tuple[str, ...] = ("reference", "blockwise", "pallas", "cudnn")):
+    """None for None/"auto", else the name, which must be one of ``names``."""
+    if implementation in (None, "auto"):
+        return None
+    if implementation not in names:
+        raise ValueError(f"implementation must be None, 'auto' or one of {names}, got {implementation=!r}.")
+    return implementation

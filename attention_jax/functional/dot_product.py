@@ -1,42 +1,67 @@
-"""``dot_product_attention``: validate, resolve the mask, dispatch to one implementation."""
+"""``dot_product_attention``: validate once, resolve the mask once, run one backend.
+
+The flow of every call: :func:`validate` checks the arguments and builds a
+:class:`~attention_jax.functional.backends.Call`; :func:`select_backend` asks the backends
+(``backends.auto_order``) which can serve it; :func:`~attention_jax.functional.resolve.resolve_spec`
+turns the mask, offsets and score mod into one ``MaskSpec`` at that backend's tiles; the backend
+runs on the call and the spec.
+"""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from attention_jax import masks as masks_lib
-from attention_jax.functional import _checks, reference
+from attention_jax.functional import _checks, backends, reference, resolve
+from attention_jax.functional.backends import Backend, Call
+from pallas_kernels import dropout as dropout_lib
 
 Array = jax.Array
 
 
-def dense_mask(mask: masks_lib.Mask | Array | None, shape: _checks.AttentionShape, q_offset=0, kv_offset=0):
-    """Boolean mask broadcastable to ``[B, N, T, S]`` (None when everything is visible)."""
-    if mask is None:
-        return None
-    if isinstance(mask, masks_lib.Mask):
-        dense = mask.dense(shape.q_len, shape.kv_len, q_offset, kv_offset)  # [T, S] or [Bm, T, S]
-        if dense.ndim == 3:
-            if dense.shape[0] not in (1, shape.batch):
-                raise ValueError(f"the mask's arrays have batch size {dense.shape[0]}, expected B={shape.batch}.")
-            dense = dense[:, None]  # [B, 1, T, S]
-        return dense
-    if jnp.result_type(mask) != jnp.bool_:
-        raise ValueError(f"mask must be a Mask or a boolean array, got dtype {jnp.result_type(mask)}.")
-    _checks.check_broadcastable("mask", mask, shape)
-    return mask
+def validate(
+    query, key, value, *, bias=None, mask=None, scale=None, softcap=None, score_mod=None, q_offset=0, kv_offset=0,
+    dropout_rate=0.0, dropout_rng=None, return_lse=False,
+) -> Call:  # fmt: skip
+    """Check every argument of :func:`dot_product_attention` once; raise ``ValueError`` naming the bad one."""
+    shape = _checks.check_qkv(query, key, value)
+    scale = _checks.check_scale(scale, shape.head_dim)
+    softcap = _checks.check_softcap(softcap)
+    if bias is not None:
+        if not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
+            raise ValueError(f"bias must be a floating-point array, got dtype {jnp.result_type(bias)}.")
+        _checks.check_broadcastable("bias", bias, shape)
+    _checks.check_offsets(q_offset, kv_offset, shape.batch)
+    resolve.check_mask(mask, shape)
+    resolve.check_score_mod(score_mod, shape)
+    rate = _checks.check_dropout(dropout_rate, dropout_rng)
+    return Call(
+        query=query, key=key, value=value, shape=shape, mask=mask, bias=bias, scale=scale, softcap=softcap,
+        score_mod=score_mod, q_offset=q_offset, kv_offset=kv_offset, dropout_rate=rate,
+        dropout_seed=dropout_lib.seed_from_key(dropout_rng) if rate > 0 else None, return_lse=bool(return_lse),
+    )  # fmt: skip
 
 
-def _check_offsets(q_offset, kv_offset):
-    for name, value in (("q_offset", q_offset), ("kv_offset", kv_offset)):
-        if jnp.ndim(value) != 0:
-            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
-        if not jnp.issubdtype(jnp.result_type(value), jnp.integer):
-            raise ValueError(f"{name} must be an integer, got dtype {jnp.result_type(value)}.")
+def select_backend(call: Call, implementation: str | Backend | None = None) -> Backend:
+    """The backend that runs ``call``: the requested one (raising its reason if it cannot), or the first that can."""
+    if implementation is None or implementation == "auto":
+        reasons = []
+        for backend in backends.auto_order():
+            try:
+                backend.check(call)
+                return backend
+            except NotImplementedError as e:
+                reasons.append(f"{backend!r}: {e}")
+        raise ValueError("no attention backend can serve this call: " + "; ".join(reasons) + ".")
+    backend = backends.get(implementation)
+    try:
+        backend.check(call)
+    except NotImplementedError as e:
+        raise ValueError(f"implementation={implementation!r} cannot serve this call: {e}.") from None
+    return backend
 
 
 def dot_product_attention(
@@ -49,12 +74,14 @@ def dot_product_attention(
     scale: float | None = None,
     softcap: float | None = None,
     score_mod: Any = None,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    implementation: str | None = None,
+    q_offset: int | Array = 0,
+    kv_offset: int | Array = 0,
+    implementation: str | Backend | None = None,
     return_lse: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
 ):
-    """Scaled dot-product attention, ``softmax(mask(softcap(mod(scale * q.k + bias)))) v``.
+    """Scaled dot-product attention, ``dropout(softmax(mask(softcap(mod(scale * q.k + bias))))) v``.
 
     Args:
       query: ``[B, T, N, H]``.
@@ -66,15 +93,24 @@ def dot_product_attention(
         True means "may attend".
       scale: multiplies ``q.k``; defaults to ``1 / sqrt(H)``.
       softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before masking.
-      score_mod: an ``attention_jax.score_mods.ScoreMod`` applied after the bias.
-      q_offset, kv_offset: absolute position of the first query / key (decoding, shards).
-      implementation: None or ``"auto"`` (choose by backend and shape), ``"reference"``,
-        ``"blockwise"``, ``"pallas"`` or ``"cudnn"``.
+      score_mod: an ``attention_jax.score_mods.ScoreMod`` applied after the bias; it runs inside
+        every backend's tiles, and its parameters (ALiBi slopes, a T5 table) get gradients.
+      q_offset, kv_offset: absolute position of the first query / key (decoding, shards): an int,
+        a traced int, or ``[B]`` (one per sequence, as a KV cache gives them). Masks stay exact and
+        the fast paths keep skipping blocks in every case.
+      implementation: None or ``"auto"`` (the first backend of ``backends.auto_order()`` that can
+        serve the call), ``"reference"``, ``"blockwise"``, ``"pallas"``, ``"cudnn"``, or a
+        ``backends.Backend`` instance such as ``Blockwise(block_q=64, block_k=64)``.
       return_lse: also return the logsumexp of the scores, ``[B, N, T]`` float32.
+      dropout_rate: drop each attention weight with this probability (training) and scale the
+        rest by ``1 / (1 - rate)``; runs inside the fast paths (no ``T x S`` buffer).
+      dropout_rng: a ``jax.random`` key, required when ``dropout_rate > 0``. The dropped weights
+        are a function of ``(key, batch, head, query position, key position)``, identical on every
+        backend.
 
     Returns:
       ``[B, T, N, Hv]`` in the query dtype, and the logsumexp when ``return_lse``. A query that
-      sees no key outputs zeros (and its logsumexp is ``-inf``).
+      sees no key outputs zeros (and its logsumexp is ``-inf``); so do all queries when ``S == 0``.
 
     >>> import jax, jax.numpy as jnp
     >>> import attention_jax as aj
@@ -84,78 +120,36 @@ def dot_product_attention(
     >>> out.shape, lse.shape
     ((2, 5, 4, 8), (2, 4, 5))
     """
-    shape = _checks.check_qkv(query, key, value)
-    implementation = _checks.check_implementation(implementation)
-    scale = _checks.check_scale(scale, shape.head_dim)
-    softcap = _checks.check_softcap(softcap)
-    if bias is not None:
-        _checks.check_broadcastable("bias", bias, shape)
-    _check_offsets(q_offset, kv_offset)
-
-    if implementation is None:
-        implementation = choose_implementation(shape, mask=mask, bias=bias, score_mod=score_mod, softcap=softcap)
-    run = _implementation(implementation)
-    if implementation == "reference":
-        mask = dense_mask(mask, shape, q_offset, kv_offset)
-    out, lse = run(
-        query,
-        key,
-        value,
-        shape=shape,
-        scale=scale,
-        mask=mask,
-        bias=bias,
-        score_mod=score_mod,
-        softcap=softcap,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-    )
-    if return_lse and lse is None:
-        raise ValueError(f"implementation={implementation!r} cannot return the logsumexp; use return_lse=False.")
+    call = validate(
+        query, key, value, bias=bias, mask=mask, scale=scale, softcap=softcap, score_mod=score_mod,
+        q_offset=q_offset, kv_offset=kv_offset, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        return_lse=return_lse,
+    )  # fmt: skip
+    if call.shape.q_len == 0 or call.shape.kv_len == 0:
+        out, lse = _empty(call)
+    else:
+        backend = select_backend(call, implementation)
+        spec = resolve.resolve_spec(call, *backend.block_shape(call))
+        out, lse = backend(call, spec)
     return (out, lse) if return_lse else out
 
 
-# Each implementation module exposes ``attention(query, key, value, *, shape, scale, mask, bias,
-# score_mod, softcap, q_offset, kv_offset) -> (out, lse)`` and raises ValueError, naming why, for
-# a call it cannot serve. ``mask`` reaches it as given (a Mask, a boolean array or None), except
-# for the reference, which receives the dense form.
-_MODULES = {
-    "blockwise": "attention_jax.functional.blockwise",
-    "pallas": "attention_jax.functional.pallas",
-    "cudnn": "attention_jax.functional.cudnn",
-}
+def _empty(call: Call):
+    """T == 0: nothing to compute; S == 0: every query sees nothing (zeros, lse -inf)."""
+    s = call.shape
+    out = jnp.zeros((s.batch, s.q_len, s.num_heads, s.value_head_dim), call.query.dtype)
+    return out, jnp.full((s.batch, s.num_heads, s.q_len), -jnp.inf, jnp.float32)
 
 
-def _implementation(name: str):
-    if name == "reference":
-        return reference.attention
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ModuleNotFoundError as e:
-        if e.name != _MODULES[name]:
-            raise
-        raise ValueError(f"implementation={name!r} is not available in this build; use 'reference' or None.") from None
-    return module.attention
+def choose_implementation(query: Array, key: Array, value: Array, **kwargs) -> str:
+    """The name of the backend ``implementation=None`` runs for this call (arguments as in dot_product_attention).
 
-
-def choose_implementation(shape: _checks.AttentionShape, *, mask=None, bias=None, score_mod=None, softcap=None) -> str:
-    """What ``implementation=None`` runs for a call of this shape on the default backend.
-
-    GPU/TPU: the Pallas kernels, unless the call needs what they lack (a score mod, or a boolean
-    array mask together with softcap), then the blockwise path. CPU: the reference for tiny
-    problems, where one fused dense computation beats any loop, else the blockwise path.
+    >>> import jax.numpy as jnp
+    >>> q = jnp.zeros((1, 1024, 2, 16))
+    >>> choose_implementation(q, q, q)  # on CPU
+    'blockwise'
     """
-    if jax.default_backend() in ("gpu", "tpu"):
-        array_mask = mask is not None and not isinstance(mask, masks_lib.Mask)
-        if score_mod is None and not (array_mask and softcap is not None):
-            return "pallas"
-        return "blockwise"
-    return "reference" if shape.q_len * shape.kv_len <= _REFERENCE_MAX_SCORES else "blockwise"
-
-
-# Below this many scores per (batch, head) the dense reference compiles faster and runs about as
-# fast; from T = S = 256 the blockwise path is already 2x faster on CPU (benchmarks/RESULTS.md).
-_REFERENCE_MAX_SCORES = 128 * 128
+    return select_backend(validate(query, key, value, **kwargs)).name
 
 
 def attention_weights(
@@ -167,29 +161,25 @@ def attention_weights(
     scale: float | None = None,
     softcap: float | None = None,
     score_mod: Any = None,
-    q_offset: int = 0,
-    kv_offset: int = 0,
+    q_offset: int | Array = 0,
+    kv_offset: int | Array = 0,
 ) -> Array:
     """The attention probabilities ``[B, N, T, S]`` (float32) that ``dot_product_attention`` uses.
 
     Materialises ``T x S`` per head: meant for inspection, not for the fast path.
     """
-    value = key[..., :1]
-    shape = _checks.check_qkv(query, key, value)
-    scale = _checks.check_scale(scale, shape.head_dim)
-    softcap = _checks.check_softcap(softcap)
-    if bias is not None:
-        _checks.check_broadcastable("bias", bias, shape)
-    _check_offsets(q_offset, kv_offset)
-    return reference.attention_weights(
-        query,
-        key,
-        shape=shape,
-        scale=scale,
-        mask=dense_mask(mask, shape, q_offset, kv_offset),
-        bias=bias,
-        score_mod=score_mod,
-        softcap=softcap,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-    )
+    call = validate(
+        query, key, key[..., :1], bias=bias, mask=mask, scale=scale, softcap=softcap, score_mod=score_mod,
+        q_offset=q_offset, kv_offset=kv_offset,
+    )  # fmt: skip
+    spec = resolve.resolve_spec(call, max(call.shape.q_len, 1), max(call.shape.kv_len, 1))
+    return reference.attention_weights(query, key, spec, scale=call.scale, softcap=call.softcap, bias=bias)
+
+
+def dense_mask(mask, shape: _checks.AttentionShape, q_offset=0, kv_offset=0) -> Array | None:
+    """A mask as booleans broadcastable to ``[B, N, T, S]`` (None: all visible), resolved like every call."""
+    dummy = jnp.zeros((shape.batch, shape.q_len, shape.num_heads, 1))
+    keys = jnp.zeros((shape.batch, shape.kv_len, shape.num_kv_heads, 1))
+    call = Call(dummy, keys, keys, shape, mask=mask, q_offset=q_offset, kv_offset=kv_offset)
+    resolve.check_mask(mask, shape)
+    return resolve.resolve_spec(call, max(shape.q_len, 1), max(shape.kv_len, 1)).dense(shape.batch)

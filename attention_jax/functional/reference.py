@@ -1,11 +1,18 @@
-"""The reference attention: plain ``jnp``, float32 accumulation, the oracle of every fast path."""
+"""The reference attention: plain ``jnp``, float32 accumulation, the oracle of every fast path.
+
+It reads the mask and the score mod from the same resolved ``MaskSpec`` as the fast paths
+(``spec.dense``, ``spec.score_fn``) and draws dropout from the same counter-based hash
+(``pallas_kernels.dropout``), so a fast path and the reference agree bit for bit on which
+weights exist and which are dropped.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from attention_jax.functional._checks import AttentionShape
+from pallas_kernels import dropout as dropout_lib
+from pallas_kernels.mask_info import MaskSpec
 
 Array = jax.Array
 
@@ -15,35 +22,30 @@ def accumulation_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def dense_scores(
-    query: Array,
-    key: Array,
-    *,
-    shape: AttentionShape,
-    scale: float | Array,
-    bias: Array | None = None,
-    score_mod=None,
-    softcap: float | None = None,
-    q_offset: int | Array = 0,
-    kv_offset: int | Array = 0,
-) -> Array:
-    """Pre-mask scores ``[B, N, T, S]`` in float32: ``scale * q.k + bias``, then score_mod, then softcap."""
+def _indices(spec: MaskSpec, b: int, n: int):
+    """``batch, head, q_pos, kv_pos`` as int32 arrays broadcastable to ``[B, N, T, S]``."""
+    q_pos = jnp.asarray(spec.q_positions, jnp.int32)
+    kv_pos = jnp.asarray(spec.kv_positions, jnp.int32)
+    q_pos = q_pos[:, None, :, None] if q_pos.ndim == 2 else q_pos[None, None, :, None]  # [B or 1, 1, T, 1]
+    kv_pos = kv_pos[:, None, None, :] if kv_pos.ndim == 2 else kv_pos[None, None, None, :]  # [B or 1, 1, 1, S]
+    batch = jnp.arange(b, dtype=jnp.int32)[:, None, None, None]
+    head = jnp.arange(n, dtype=jnp.int32)[None, :, None, None]
+    return batch, head, q_pos, kv_pos
+
+
+def dense_scores(query: Array, key: Array, spec: MaskSpec, *, scale, bias: Array | None = None) -> Array:
+    """Pre-softcap, pre-mask scores ``[B, N, T, S]`` in float32: ``scale * q.k + bias``, then the score mod."""
     b, t, n, h = query.shape
-    s, k, g = shape.kv_len, shape.num_kv_heads, shape.group_size
+    s, k = key.shape[1], key.shape[2]
     acc = accumulation_dtype(query.dtype)
-    q = query.astype(acc).reshape(b, t, k, g, h)  # [B, T, K, G, H]; head n = k * G + g
+    q = query.astype(acc).reshape(b, t, k, n // k, h)  # [B, T, K, G, H]; head n = k * G + g
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(acc), precision=jax.lax.Precision.HIGHEST)
     scores = scores.reshape(b, n, t, s) * scale  # [B, N, T, S]
     if bias is not None:
         scores = scores + bias.astype(acc)
-    if score_mod is not None:
-        batch_idx = jnp.arange(b, dtype=jnp.int32)[:, None, None, None]
-        head_idx = jnp.arange(n, dtype=jnp.int32)[None, :, None, None]
-        q_idx = (q_offset + jnp.arange(t, dtype=jnp.int32))[None, None, :, None]
-        kv_idx = (kv_offset + jnp.arange(s, dtype=jnp.int32))[None, None, None, :]
-        scores = score_mod(scores, batch_idx, head_idx, q_idx, kv_idx)
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
+    if spec.score_fn is not None:
+        params = tuple(jnp.asarray(p, acc).reshape(1, n, 1, 1) for p in spec.score_params)
+        scores = spec.score_fn(scores, *_indices(spec, b, n), params).astype(acc)
     return scores
 
 
@@ -68,66 +70,51 @@ def masked_softmax(scores: Array, mask: Array | None) -> tuple[Array, Array]:
     return probs, lse
 
 
+def _probs(query, key, spec, scale, softcap, bias):
+    scores = dense_scores(query, key, spec, scale=scale, bias=bias)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    visible = spec.dense(query.shape[0])  # [B or 1, 1 or N, T, S] or None
+    probs, lse = masked_softmax(scores, visible)
+    return probs, lse, visible
+
+
 def attention(
     query: Array,
     key: Array,
     value: Array,
+    spec: MaskSpec,
     *,
-    shape: AttentionShape,
-    scale: float | Array,
-    mask: Array | None = None,
-    bias: Array | None = None,
-    score_mod=None,
+    scale,
     softcap: float | None = None,
-    q_offset: int | Array = 0,
-    kv_offset: int | Array = 0,
+    bias: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed: Array | None = None,
 ) -> tuple[Array, Array]:
-    """Dense attention. ``mask`` is boolean, broadcastable to ``[B, N, T, S]``.
+    """Dense attention: ``(out [B, T, N, Hv] in query.dtype, lse [B, N, T] float32)``.
 
-    Returns ``(out [B, T, N, Hv] in query.dtype, lse [B, N, T] float32)``.
+    ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Hv]``; the mask, positions and
+    score mod come from ``spec``. Dropout (``dropout_rate > 0`` with an int32 ``dropout_seed``)
+    zeroes weights after the softmax with the bits of ``pallas_kernels.dropout``; ``lse`` is that
+    of the undropped softmax.
     """
-    scores = dense_scores(
-        query,
-        key,
-        shape=shape,
-        scale=scale,
-        bias=bias,
-        score_mod=score_mod,
-        softcap=softcap,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-    )
-    probs, lse = masked_softmax(scores, mask)  # [B, N, T, S], [B, N, T]
     b, t, n, _ = query.shape
-    k, g = shape.num_kv_heads, shape.group_size
-    probs = probs.reshape(b, k, g, t, shape.kv_len)
+    s, k, hv = key.shape[1], key.shape[2], value.shape[-1]
+    probs, lse, visible = _probs(query, key, spec, scale, softcap, bias)  # [B, N, T, S], [B, N, T]
+    if dropout_rate > 0.0:
+        keep = dropout_lib.keep_mask(dropout_seed, *_indices(spec, b, n), dropout_rate)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    if visible is not None:
+        # A value no query sees (an unwritten cache slot) must not turn 0 * NaN into NaN.
+        seen = jnp.any(visible, axis=(1, 2))  # [B or 1, S]
+        value = jnp.where(seen[:, :, None, None], value, jnp.zeros((), value.dtype))
+    probs = probs.reshape(b, k, n // k, t, s)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(probs.dtype), precision=jax.lax.Precision.HIGHEST)
-    return out.reshape(b, t, n, shape.value_head_dim).astype(query.dtype), lse
+    return out.reshape(b, t, n, hv).astype(query.dtype), lse
 
 
 def attention_weights(
-    query: Array,
-    key: Array,
-    *,
-    shape: AttentionShape,
-    scale: float | Array,
-    mask: Array | None = None,
-    bias: Array | None = None,
-    score_mod=None,
-    softcap: float | None = None,
-    q_offset: int | Array = 0,
-    kv_offset: int | Array = 0,
+    query: Array, key: Array, spec: MaskSpec, *, scale, softcap: float | None = None, bias: Array | None = None
 ) -> Array:
     """The attention probabilities ``[B, N, T, S]`` in float32 (rows with nothing visible are 0)."""
-    scores = dense_scores(
-        query,
-        key,
-        shape=shape,
-        scale=scale,
-        bias=bias,
-        score_mod=score_mod,
-        softcap=softcap,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-    )
-    return masked_softmax(scores, mask)[0]
+    return _probs(query, key, spec, scale, softcap, bias)[0]
