@@ -46,7 +46,8 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
       deterministic: default for the call; ``model.eval()`` / ``model.train()`` set it.
       use_bias: biases in the four projections.
       dtype, param_dtype, precision, kernel_init, bias_init: as in ``flax.nnx.LinearGeneral``.
-      implementation: passed to ``dot_product_attention`` (None chooses).
+      implementation: passed to ``dot_product_attention``: None chooses, or a backend name or
+        ``attention_jax.functional.backends.Backend`` instance.
       record_weights: record the attention weights (see :mod:`attention_jax.nn.recording`).
       rngs: ``nnx.Rngs`` for the parameters (and the ``dropout`` stream).
 
@@ -97,7 +98,7 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
         precision: Any = None,
         kernel_init: Any = _common.default_kernel_init,
         bias_init: Any = _common.default_bias_init,
-        implementation: str | None = None,
+        implementation: str | Any | None = None,
         record_weights: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -171,7 +172,7 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
         lengths: Array | None = None,
         cache=None,
         deterministic: bool | None = None,
-        implementation: str | None = None,
+        implementation: str | Any | None = None,
         record_weights: bool | None = None,
         rngs: nnx.Rngs | None = None,
     ):

@@ -1,0 +1,93 @@
+"""Decoding keeps block skipping: per-sequence offsets reach the backends as positions, not a dense mask.
+
+A decode step has per-sequence offsets (each sequence continues from its own length). They are
+resolved into a MaskSpec with ``[B, T]`` positions and a run-time block map, so a sliding window
+over a long cache visits only the tiles of the window, and no ``[B, 1, T, S]`` mask is built.
+"""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import attention_jax as aj
+from attention_jax.functional import backends
+from pallas_kernels.mask_info import EMPTY
+
+D, WINDOW, CAPACITY, BLOCK_K = 16, 24, 512, 32
+PROMPT = (300, 170)
+
+
+class Recording(backends.Blockwise):
+    """The blockwise backend, keeping the specs it receives."""
+
+    def __init__(self, block_q=None, block_k=None):
+        object.__setattr__(self, "block_q", block_q)
+        object.__setattr__(self, "block_k", block_k)
+        object.__setattr__(self, "specs", [])
+
+    def __call__(self, call, spec):
+        self.specs.append(spec)
+        return super().__call__(call, spec)
+
+
+def _layer(implementation):
+    return aj.nn.MultiHeadAttention(
+        D, num_heads=4, num_kv_heads=2, rope=aj.positional.RoPE(), mask=aj.masks.causal(), sliding_window=WINDOW,
+        implementation=implementation, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+
+
+def _prefilled(layer, kind):
+    cache = layer.init_cache(2, CAPACITY, kind=kind, page_size=32)
+    x = jax.random.normal(jax.random.key(1), (2, max(PROMPT), D))
+    _, cache = layer(x, cache=cache, lengths=jnp.asarray(PROMPT))
+    return cache
+
+
+@pytest.mark.parametrize("kind", ["dense", "paged"])
+def test_a_decode_step_visits_only_the_window(kind):
+    rec = Recording(block_q=16, block_k=BLOCK_K)
+    layer = _layer(rec)
+    cache = _prefilled(layer, kind)
+    rec.specs.clear()
+    token = jax.random.normal(jax.random.key(2), (2, 1, D))
+    layer(token, cache=cache)
+    (spec,) = rec.specs
+    block_map = np.asarray(spec.block_map)  # [B, 1, S / BLOCK_K]
+    s = spec.kv_positions.shape[-1]
+    assert spec.q_positions.shape == (2, 1) and block_map.shape == (2, 1, -(-s // BLOCK_K))
+    visited = (block_map != EMPTY).sum(axis=-1)[:, 0]
+    assert s >= CAPACITY and np.all(visited <= WINDOW // BLOCK_K + 2), visited
+    # The window sits where each sequence is: different tiles for the two sequences.
+    assert not np.array_equal(block_map[0], block_map[1])
+
+
+def _bool_arrays(jaxpr):
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = var.aval
+            if getattr(aval, "dtype", None) == jnp.bool_:
+                yield tuple(aval.shape)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _bool_arrays(sub)
+
+
+@pytest.mark.parametrize("kind", ["dense", "rolling", "paged"])
+def test_a_decode_step_builds_no_dense_mask(kind):
+    layer = _layer(backends.Blockwise(block_q=16, block_k=BLOCK_K))
+    cache = _prefilled(layer, kind)
+    graphdef, state = nnx.split(layer)
+    token = jnp.zeros((2, 1, D))
+
+    def step(state, cache, token):
+        return nnx.merge(graphdef, state)(token, cache=cache)[0]
+
+    jaxpr = jax.make_jaxpr(step)(state, cache, token).jaxpr
+    view_len = {"dense": CAPACITY, "paged": CAPACITY, "rolling": None}[kind]
+    for shape in _bool_arrays(jaxpr):
+        if len(shape) >= 3 and view_len is not None:
+            assert shape[-1] != view_len, f"a dense mask over the cache: {shape}"
+        assert len(shape) < 4 or shape[-1] <= BLOCK_K, f"a dense [B, N, T, S] mask: {shape}"
