@@ -14,10 +14,11 @@ The mask is the library's single mechanism: the CTA's row of the forward visit t
 where ``MaskSpec.fn`` runs on position tiles in the accumulator's register layout; EMPTY tiles are
 never loaded. Both compute warpgroups walk the same list (the CTA's), so they stay in lock step.
 
-Scope (the entry point falls back to the Triton body otherwise): bf16/f16, ``H == Hv`` of 64, 128
-or 256 after padding to a power of two (96 runs as 128), no additive bias, output in the input
-dtype. Layouts as in ``_flash_triton``: ``q [B, Rp, K, H]`` rows, ``k/v [B, Sp, K, H]``, ``lse [B, K, Rp]``
-float32. There is no CPU interpreter for this kernel; tests lower it for CUDA.
+Scope (the entry point falls back to the Triton body otherwise): bf16/f16, ``H == Hv`` of 64, 128 or
+256 after padding to a power of two (96 runs as 128), no additive bias, output in the input dtype;
+no score mod, dropout, array mask or per-sequence positions (``scope_reason``). Layouts as in
+``_flash_triton``: ``q [B, Rp, K, H]`` rows, ``k/v [B, Sp, K, H]``, ``lse [B, K, Rp]`` float32.
+There is no CPU interpreter for this kernel; tests lower it for CUDA.
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ def unsupported_reason(*, dtype, head_dim: int, value_head_dim: int, has_bias: b
         return f"out_dtype {jnp.dtype(out_dtype).name} != input dtype {jnp.dtype(dtype).name}"
     if block_k < 64:
         return f"key tile {block_k} < 64"
+    return None
+
+
+def scope_reason(tm: TileMath, plan) -> str | None:
+    """What of a call's mask data and tile math the Hopper kernels do not implement (None: nothing).
+
+    Score mods, dropout, array masks and per-sequence positions run in the Triton body.
+    """
+    if tm.score_fn is not None:
+        return "a score mod"
+    if tm.dropout_rate > 0.0:
+        return "dropout"
+    if plan.array is not None:
+        return "an array mask"
+    if plan.per_sequence:
+        return "per-sequence positions"
     return None
 
 
@@ -229,6 +246,8 @@ def forward(cfg, q, k, v, bias, plan, out_dtype):
         dtype=q.dtype, head_dim=hp, value_head_dim=v.shape[-1], has_bias=bias is not None, out_dtype=out_dtype,
         block_k=block_k,
     )  # fmt: skip
+    if reason is None:
+        reason = scope_reason(cfg.tile_math, plan)
     if cfg.interpret_mode:
         reason = "it has no CPU interpreter (its lowering is tested instead)"
     if reason is not None or block_rows != BLOCK_ROWS:
@@ -264,7 +283,7 @@ def forward(cfg, q, k, v, bias, plan, out_dtype):
     )
     return launch(
         kernel,
-        (order, counts, q, k, v, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals),
+        (order, counts, q, k, v, plan.q_pos[0], plan.kv_pos[0], plan.q_vals, plan.kv_vals),
         scratch_types,
         out_type=(
             jax.ShapeDtypeStruct((b, rows, kh, hp), out_dtype),

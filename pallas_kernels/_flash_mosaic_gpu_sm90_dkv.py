@@ -35,6 +35,7 @@ from pallas_kernels._flash_mosaic_gpu_sm90 import (
     _load,
     _smem_transforms,
     launch,
+    scope_reason,
 )
 from pallas_kernels._flash_tile import LOG2E, TileMath
 
@@ -199,6 +200,8 @@ def backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype=None):
         dtype=q.dtype, head_dim=hp, value_head_dim=v.shape[-1], has_bias=bias is not None, grad_dtype=grad_dtype,
         block_rows=block_rows,
     )  # fmt: skip
+    if reason is None:
+        reason = scope_reason(cfg.tile_math, plan)
     if cfg.interpret_mode:
         reason = "it has no CPU interpreter (its lowering is tested instead)"
     if reason is not None or block_k != BLOCK_KEYS:
@@ -229,7 +232,7 @@ def backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype=None):
     )
     return launch(
         kernel,
-        (order, counts, q, k, v, do, lse2, delta, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals),
+        (order, counts, q, k, v, do, lse2, delta, plan.q_pos[0], plan.kv_pos[0], plan.q_vals, plan.kv_vals),
         scratch_types,
         out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(kh, b, kv_len // BLOCK_KEYS),

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import dropout
 from pallas_kernels.mask_info import EMPTY, FULL, PARTIAL, MaskSpec, num_blocks
 
 MIN_BLOCK = 16  # smallest tile side a kernel uses (Triton's dot needs 16)
@@ -180,10 +181,18 @@ class Plan:
     fwd: tuple[jax.Array, jax.Array]
     dq: tuple[jax.Array, jax.Array]
     dkv: tuple[jax.Array, jax.Array]
-    q_pos: jax.Array  # [Rp] position of each row
-    kv_pos: jax.Array  # [Sp]
+    q_pos: jax.Array  # [Bq, Rp] position of each row (Bq: 1, or B for per-sequence positions)
+    kv_pos: jax.Array  # [Bk, Sp]
     q_vals: tuple[jax.Array, ...]  # each [B, Rp]
     kv_vals: tuple[jax.Array, ...]  # each [B, Sp]
+    array: jax.Array | None = None  # [Bm, Rp, Km, Sp] int8 visibility (MaskSpec.array), like the bias
+    head: jax.Array | None = None  # [K, Rp] int32 query head of each row (score mods only)
+    row_seed: jax.Array | None = None  # [B, K, Rp] int32 dropout seed of each row (dropout only)
+
+    @property
+    def per_sequence(self) -> bool:
+        """Whether positions differ between the sequences of the batch."""
+        return self.q_pos.shape[0] > 1 or self.kv_pos.shape[0] > 1
 
 
 jax.tree_util.register_dataclass(Plan, data_fields=[f.name for f in dataclasses.fields(Plan)], meta_fields=[])
@@ -203,32 +212,92 @@ def _pad_kv(x: jax.Array, geom: Geometry, axis: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def make_plan(spec: MaskSpec | None, geom: Geometry) -> Plan:
-    """Resample the mask to every kernel's tiles and lay out the mask data per row."""
+def _positions(name: str, x, batch: int, length: int) -> jax.Array:
+    """``[L]`` or ``[B, L]`` positions -> int32 ``[1 or B, L]``."""
+    x = jnp.asarray(x, jnp.int32)
+    if x.ndim == 1 and x.shape[0] == length:
+        return x[None]
+    if x.ndim == 2 and x.shape[0] in (1, batch) and x.shape[1] == length:
+        return x
+    raise ValueError(f"{name} must have shape [{length}] or [B, {length}] with B in (1, {batch}), got {x.shape}.")
+
+
+def row_heads(geom: Geometry) -> jax.Array:
+    """``[K, Rp]`` int32: the query head ``h * G + g`` of row ``r = t * G + g`` of key/value head ``h``."""
+    g = np.arange(geom.rows_padded) % geom.group
+    return jnp.asarray(np.arange(geom.num_kv_heads)[:, None] * geom.group + g[None, :], jnp.int32)
+
+
+def params_to_rows(param: jax.Array, geom: Geometry) -> jax.Array:
+    """A per-head parameter ``[N]`` -> per row ``[K, Rp]`` float32 (padding rows repeat the pattern)."""
+    param = jnp.asarray(param, jnp.float32)
+    if param.shape != (geom.num_heads,):
+        raise ValueError(f"mask.score_params entries must have shape [N]=[{geom.num_heads}], got {param.shape}.")
+    per_group = param.reshape(geom.num_kv_heads, 1, geom.group)  # [K, 1, G]
+    reps = geom.rows_padded // geom.group + 1
+    return jnp.broadcast_to(per_group, (geom.num_kv_heads, reps, geom.group)).reshape(geom.num_kv_heads, -1)[
+        :, : geom.rows_padded
+    ]
+
+
+def array_to_rows(array: jax.Array, geom: Geometry) -> jax.Array:
+    """bool ``[Bm, Nm, T, S]`` -> int8 ``[Bm, Rp, Km, Sp]`` (Km: 1 or K), the layout of the bias; padding 0."""
+    array = jnp.asarray(array)
+    t, s, kh, g = geom.q_len, geom.kv_len, geom.num_kv_heads, geom.group
+    if array.ndim != 4 or array.shape[0] not in (1, geom.batch) or array.shape[1] not in (1, kh * g):
+        raise ValueError(f"mask.array must have shape [B or 1, N or 1, {t}, {s}], got {array.shape}.")
+    if array.shape[2:] != (t, s):
+        raise ValueError(f"mask.array must have shape [B or 1, N or 1, {t}, {s}], got {array.shape}.")
+    bm, nm = array.shape[:2]
+    array = array.astype(jnp.int8)
+    if nm == 1:  # shared by all heads: one copy per row of the group
+        array = jnp.broadcast_to(array[:, 0, :, None, None, :], (bm, t, g, 1, s)).reshape(bm, t * g, 1, s)
+    else:
+        array = array.reshape(bm, kh, g, t, s).transpose(0, 3, 2, 1, 4).reshape(bm, t * g, kh, s)
+    return jnp.pad(array, ((0, 0), (0, geom.rows_padded - geom.rows), (0, 0), (0, geom.kv_padded - s)))
+
+
+def make_plan(spec: MaskSpec | None, geom: Geometry, *, score_mod: bool = False, dropout_seed=None) -> Plan:
+    """Resample the mask to every kernel's tiles and lay out the mask data per row.
+
+    ``score_mod`` adds each row's query head; a ``dropout_seed`` (int32 scalar) each row's seed.
+    """
     fwd = visit_table(kernel_block_map(spec, geom, *geom.fwd))
     dq = visit_table(kernel_block_map(spec, geom, *geom.dq))
     dkv = visit_table(jnp.swapaxes(kernel_block_map(spec, geom, *geom.dkv), 1, 2))
+    array = None
     if spec is None:
-        q_pos = jnp.arange(geom.q_len, dtype=jnp.int32)
-        kv_pos = jnp.arange(geom.kv_len, dtype=jnp.int32)
+        q_pos = jnp.arange(geom.q_len, dtype=jnp.int32)[None]
+        kv_pos = jnp.arange(geom.kv_len, dtype=jnp.int32)[None]
         q_vals = kv_vals = ()
     else:
-        q_pos, kv_pos = spec.q_positions, spec.kv_positions
-        if jnp.shape(q_pos) != (geom.q_len,) or jnp.shape(kv_pos) != (geom.kv_len,):
-            raise ValueError(
-                f"mask.q_positions and mask.kv_positions must have shapes [{geom.q_len}] and [{geom.kv_len}], "
-                f"got {jnp.shape(q_pos)} and {jnp.shape(kv_pos)}."
-            )
+        q_pos = _positions("mask.q_positions", spec.q_positions, geom.batch, geom.q_len)
+        kv_pos = _positions("mask.kv_positions", spec.kv_positions, geom.batch, geom.kv_len)
         q_vals = tuple(_batched("mask.q_vals", x, geom.batch, geom.q_len) for x in spec.q_vals)
         kv_vals = tuple(_batched("mask.kv_vals", x, geom.batch, geom.kv_len) for x in spec.kv_vals)
+        if spec.array is not None:
+            array = array_to_rows(spec.array, geom)
+    q_pos = _rows(q_pos, geom, 1)  # [Bq, Rp]
+    head = row_heads(geom) if score_mod else None
+    row_seed = None
+    if dropout_seed is not None:
+        seed = jnp.asarray(dropout_seed, jnp.int32)
+        if seed.shape != ():
+            raise ValueError(f"dropout_seed must be an int32 scalar, got shape {seed.shape}.")
+        batch = jnp.arange(geom.batch, dtype=jnp.int32)[:, None, None]
+        row_seed = dropout.row_seed(seed, batch, row_heads(geom)[None], q_pos[:, None, :])  # [B, K, Rp]
+        row_seed = jnp.broadcast_to(row_seed, (geom.batch, geom.num_kv_heads, geom.rows_padded))
     return Plan(
         fwd=fwd,
         dq=dq,
         dkv=dkv,
-        q_pos=_rows(jnp.asarray(q_pos, jnp.int32), geom, 0),
-        kv_pos=_pad_kv(jnp.asarray(kv_pos, jnp.int32), geom, 0),
+        q_pos=q_pos,
+        kv_pos=_pad_kv(kv_pos, geom, 1),
         q_vals=tuple(_rows(x, geom, 1) for x in q_vals),
         kv_vals=tuple(_pad_kv(x, geom, 1) for x in kv_vals),
+        array=array,
+        head=head,
+        row_seed=row_seed,
     )
 
 

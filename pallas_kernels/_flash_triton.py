@@ -7,7 +7,12 @@ runtime bounds, which lower to ``scf.for`` and so get Triton's software pipelini
 (``num_stages``). Accumulators are float32 and dots ask for a float32 result.
 
 Layouts (see ``flash_attention.py``): ``q/do [B, Rp, K, H]`` (rows), ``k/v [B, Sp, K, H]``
-(the caller's own layout: no transpose of K/V), ``bias [Bb, Rp, Kb, Sp]``, ``lse/delta [B, K, Rp]``.
+(the caller's own layout: no transpose of K/V), ``bias [Bb, Rp, Kb, Sp]`` and the array mask
+``[Bm, Rp, Km, Sp]`` int8, ``lse/delta [B, K, Rp]``, positions ``[Bq, Rp]``/``[Bk, Sp]``, the
+per-row query heads and score-mod parameters ``[K, Rp]``, the dropout row seeds ``[B, K, Rp]``.
+
+PARTIAL tiles also zero the K/V rows that no row of the tile sees (a NaN behind the mask stays
+out of the products). Score mods and dropout read positions in every tile.
 """
 
 from __future__ import annotations
@@ -39,18 +44,21 @@ def _row(x):
     return x[None, :]
 
 
-def _q_major_mask(tm: TileMath, q_pos, q_vals, kvpos_ref, kvv_refs, start, block_k: int, pad_kv: bool, shape):
+def _q_major_mask(tm: TileMath, q_pos, q_vals, kv_pos, kvv_refs, array_ref, start, block_k, pad_kv, shape):
     """Mask of the q-major tile whose keys start at ``start`` (PARTIAL tiles only)."""
     cols = pl.ds(start, block_k)
     kv_index = _row(start + jnp.arange(block_k, dtype=jnp.int32)) if pad_kv else None
     kv_vals = tuple(_row(r[cols]) for r in kvv_refs)
-    return tm.visible(q_pos, _row(kvpos_ref[cols]), q_vals, kv_vals, kv_index, shape)
+    array = None if array_ref is None else array_ref[:, cols]
+    return tm.visible(q_pos, kv_pos, q_vals, kv_vals, kv_index, shape, array)
 
 
-def _q_major_specs(plan, table, block_rows: int, hp: int, kv_len: int, hvp: int, bias):
+def _q_major_specs(plan, table, block_rows: int, hp: int, kv_len: int, hvp: int, bias, params):
     """In-specs shared by the forward and dq kernels (grid ``(row tile, B, K)``), in kernel-argument order."""
     order, _ = table
     tb = _batch_or_zero(order.shape[0])
+    tq, tk = _batch_or_zero(plan.q_pos.shape[0]), _batch_or_zero(plan.kv_pos.shape[0])
+    per_row = pl.BlockSpec((None, block_rows), lambda i, b_, h: (h, i))  # [K, Rp]
     return [
         pl.BlockSpec((None, None, order.shape[-1]), lambda i, b_, h: (tb(b_), i, 0)),
         pl.BlockSpec((None, None, 2), lambda i, b_, h: (tb(b_), i, 0)),
@@ -58,11 +66,28 @@ def _q_major_specs(plan, table, block_rows: int, hp: int, kv_len: int, hvp: int,
         pl.BlockSpec((None, kv_len, None, hp), lambda i, b_, h: (b_, 0, h, 0)),
         pl.BlockSpec((None, kv_len, None, hvp), lambda i, b_, h: (b_, 0, h, 0)),
         _bias_spec(bias, (None, block_rows, None, kv_len), lambda i, b_, h: (i, 0)),
-        pl.BlockSpec((block_rows,), lambda i, b_, h: (i,)),
-        pl.BlockSpec((kv_len,), lambda i, b_, h: (0,)),
+        _bias_spec(plan.array, (None, block_rows, None, kv_len), lambda i, b_, h: (i, 0)),
+        pl.BlockSpec((None, block_rows), lambda i, b_, h: (tq(b_), i)),
+        pl.BlockSpec((None, kv_len), lambda i, b_, h: (tk(b_), 0)),
         tuple(pl.BlockSpec((None, block_rows), lambda i, b_, h: (b_, i)) for _ in plan.q_vals),
         tuple(pl.BlockSpec((None, kv_len), lambda i, b_, h: (b_, 0)) for _ in plan.kv_vals),
+        None if plan.head is None else per_row,
+        None if plan.row_seed is None else pl.BlockSpec((None, None, block_rows), lambda i, b_, h: (b_, h, i)),
+        tuple(per_row for _ in params),
     ]
+
+
+def _q_major_inputs(plan, table, q, k, v, bias, params):
+    return (*table, q, k, v, bias, plan.array, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals, plan.head,
+            plan.row_seed, tuple(params))  # fmt: skip
+
+
+def _row_context(head_ref, seed_ref, param_refs, orient):
+    """What every tile of a row block needs for the score mod and dropout: ``(head, params, row seed)``."""
+    head = None if head_ref is None else orient(head_ref[...])
+    params = tuple(orient(r[...]) for r in param_refs)
+    seed = None if seed_ref is None else orient(seed_ref[...])
+    return head, params, seed
 
 
 def _bias_spec(bias, block_shape, tile_index):
@@ -82,24 +107,31 @@ def _bias_spec(bias, block_shape, tile_index):
 
 
 def _fwd_kernel(
-    order_ref, counts_ref, q_ref, k_ref, v_ref, bias_ref, qpos_ref, kvpos_ref, qv_refs, kvv_refs, o_ref, lse_ref,
-    *, tm: TileMath, block_k: int, pad_kv: bool,
+    order_ref, counts_ref, q_ref, k_ref, v_ref, bias_ref, array_ref, qpos_ref, kvpos_ref, qv_refs, kvv_refs,
+    head_ref, seed_ref, param_refs, o_ref, lse_ref, *, tm: TileMath, block_k: int, pad_kv: bool,
 ):  # fmt: skip
     block_rows = q_ref.shape[0]
     q = q_ref[...]  # [bm, H]
     q_pos = _col(qpos_ref[...])  # [bm, 1]
     q_vals = tuple(_col(r[...]) for r in qv_refs)
+    head, params, seed = _row_context(head_ref, seed_ref, param_refs, _col)
+    batch = pl.program_id(1) if tm.score_fn is not None else None  # read outside the loops
 
     def step(t, carry, masked):
         m, denom, acc = carry
         start = pl.multiple_of(order_ref[t] * block_k, block_k)
         cols = pl.ds(start, block_k)
         bias = None if bias_ref is None else bias_ref[:, cols]
-        s2, _ = tm.logits(q, k_ref[cols, :], bias)  # [bm, bk]
+        kv_pos = _row(kvpos_ref[cols]) if masked or tm.needs_positions else None  # [1, bk]
+        mod = tm.score_mod(batch, head, q_pos, kv_pos, params)
+        s2, _, _ = tm.logits(q, k_ref[cols, :], bias, mod)  # [bm, bk]
+        v = v_ref[cols, :]
         mask = None
         if masked:
-            mask = _q_major_mask(tm, q_pos, q_vals, kvpos_ref, kvv_refs, start, block_k, pad_kv, s2.shape)
-        return tm.online_softmax(s2, mask, m, denom, acc, v_ref[cols, :])
+            mask = _q_major_mask(tm, q_pos, q_vals, kv_pos, kvv_refs, array_ref, start, block_k, pad_kv, s2.shape)
+            if mask is not None:
+                v = jnp.where(tm.seen_keys(mask, kv_major=False), v, jnp.zeros_like(v))
+        return tm.online_softmax(s2, mask, m, denom, acc, v, tm.keep(seed, kv_pos))
 
     num_full, num_partial = counts_ref[0], counts_ref[1]
     carry = (
@@ -114,13 +146,13 @@ def _fwd_kernel(
     lse_ref[...] = lse.reshape(block_rows)
 
 
-def forward(cfg, q, k, v, bias, plan, out_dtype):
-    """``out [B, Rp, K, Hv]`` (``out_dtype``) and ``lse [B, K, Rp]`` float32."""
+def forward(cfg, q, k, v, bias, plan, out_dtype, params=()):
+    """``out [B, Rp, K, Hv]`` (``out_dtype``) and ``lse [B, K, Rp]`` float32; ``params`` each ``[K, Rp]``."""
     geom, bs = cfg.geom, cfg.block_sizes
     block_rows, block_k = geom.fwd
     b, rows, kh, hp = q.shape
     kv_len, hvp = k.shape[1], v.shape[-1]
-    in_specs = _q_major_specs(plan, plan.fwd, block_rows, hp, kv_len, hvp, bias)
+    in_specs = _q_major_specs(plan, plan.fwd, block_rows, hp, kv_len, hvp, bias, params)
     out_specs = (
         pl.BlockSpec((None, block_rows, None, hvp), lambda i, b_, h: (b_, i, h, 0)),
         pl.BlockSpec((None, None, block_rows), lambda i, b_, h: (b_, h, i)),
@@ -139,21 +171,23 @@ def forward(cfg, q, k, v, bias, plan, out_dtype):
         compiler_params=_compiler_params(bs.warps("fwd", geom.head_dim), bs.num_stages),
         interpret=cfg.interpret,
         name="flash_fwd",
-    )(*plan.fwd, q, k, v, bias, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals)
+    )(*_q_major_inputs(plan, plan.fwd, q, k, v, bias, params))
 
 
 # -- backward: dk, dv (kv-major tiles) -------------------------------------------------------------
 
 
 def _dkv_kernel(
-    order_ref, counts_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, lse_ref, delta_ref, qpos_ref, kvpos_ref,
-    qv_refs, kvv_refs, dk_ref, dv_ref, *, tm: TileMath, block_rows: int, pad_kv: bool,
+    order_ref, counts_ref, q_ref, k_ref, v_ref, bias_ref, array_ref, do_ref, lse_ref, delta_ref, qpos_ref,
+    kvpos_ref, qv_refs, kvv_refs, head_ref, seed_ref, param_refs, dk_ref, dv_ref, *, tm: TileMath, block_rows: int,
+    pad_kv: bool,
 ):  # fmt: skip
     block_k = k_ref.shape[0]
     k, v = k_ref[...], v_ref[...]  # [bk, H], [bk, Hv]
     kv_pos = _col(kvpos_ref[...])  # [bk, 1]
     kv_vals = tuple(_col(r[...]) for r in kvv_refs)
     kv_index = _col(pl.program_id(0) * block_k + jnp.arange(block_k, dtype=jnp.int32)) if pad_kv else None
+    batch = pl.program_id(1) if tm.score_fn is not None else None  # read outside the loops
 
     def step(t, carry, masked):
         dk, dv = carry
@@ -161,13 +195,25 @@ def _dkv_kernel(
         rows = pl.ds(start, block_rows)
         q, do = q_ref[rows, :], do_ref[rows, :]
         bias = None if bias_ref is None else bias_ref[rows, :].astype(jnp.float32).T
-        s2, th = tm.logits(k, q, bias)  # [bk, bm]
+        q_pos = _row(qpos_ref[rows]) if masked or tm.needs_positions else None  # [1, bm]
+        head = None if head_ref is None else _row(head_ref[rows])
+        mod = tm.score_mod(batch, head, q_pos, kv_pos, tuple(_row(r[rows]) for r in param_refs))
+        s2, th, vjp = tm.logits(k, q, bias, mod, pullback="score")  # [bk, bm]
+        vv = v
         mask = None
         if masked:
             q_vals = tuple(_row(r[rows]) for r in qv_refs)
-            mask = tm.visible(_row(qpos_ref[rows]), kv_pos, q_vals, kv_vals, kv_index, s2.shape)
-        p, ds = tm.probs_and_grads(s2, th, mask, _row(lse_ref[rows]), tm.dot_nt(v, do), _row(delta_ref[rows]))
-        dv = dv + tm.dot_nn(p.astype(do.dtype), do)
+            array = None if array_ref is None else array_ref[rows, :].astype(jnp.int32).T
+            mask = tm.visible(q_pos, kv_pos, q_vals, kv_vals, kv_index, s2.shape, array)
+            if mask is not None:  # keys no row of this tile sees: zero K/V rows (NaN-safe products)
+                seen = tm.seen_keys(mask, kv_major=True)
+                vv = jnp.where(seen, v, jnp.zeros_like(v))
+        keep = tm.keep(None if seed_ref is None else _row(seed_ref[rows]), kv_pos)
+        dp = tm.dot_nt(vv, do)
+        pd, ds, _ = tm.probs_and_grads(s2, th, mask, _row(lse_ref[rows]), dp, _row(delta_ref[rows]), keep, vjp)
+        if masked and mask is not None:
+            ds = jnp.where(mask, ds, 0.0)
+        dv = dv + tm.dot_nn(pd.astype(do.dtype), do)
         dk = dk + tm.dot_nn(ds.astype(q.dtype), q)
         return dk, dv
 
@@ -179,7 +225,7 @@ def _dkv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype=None):
+def backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype=None, params=()):
     """``dk [B, Sp, K, H]`` and ``dv [B, Sp, K, Hv]`` in ``grad_dtype`` (default: the dtypes of ``k``, ``v``)."""
     geom, bs = cfg.geom, cfg.block_sizes
     block_rows, block_k = geom.dkv
@@ -187,6 +233,8 @@ def backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype=None):
     kv_len, hvp = k.shape[1], v.shape[-1]
     order, counts = plan.dkv
     tb = _batch_or_zero(order.shape[0])
+    tq, tk = _batch_or_zero(plan.q_pos.shape[0]), _batch_or_zero(plan.kv_pos.shape[0])
+    per_row = pl.BlockSpec((None, rows), lambda j, b_, h: (h, 0))  # [K, Rp]
     in_specs = (
         pl.BlockSpec((None, None, order.shape[-1]), lambda j, b_, h: (tb(b_), j, 0)),
         pl.BlockSpec((None, None, 2), lambda j, b_, h: (tb(b_), j, 0)),
@@ -194,13 +242,17 @@ def backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype=None):
         pl.BlockSpec((None, block_k, None, hp), lambda j, b_, h: (b_, j, h, 0)),
         pl.BlockSpec((None, block_k, None, hvp), lambda j, b_, h: (b_, j, h, 0)),
         _bias_spec(bias, (None, rows, None, block_k), lambda j, b_, h: (0, j)),
+        _bias_spec(plan.array, (None, rows, None, block_k), lambda j, b_, h: (0, j)),
         pl.BlockSpec((None, rows, None, hvp), lambda j, b_, h: (b_, 0, h, 0)),
         pl.BlockSpec((None, None, rows), lambda j, b_, h: (b_, h, 0)),
         pl.BlockSpec((None, None, rows), lambda j, b_, h: (b_, h, 0)),
-        pl.BlockSpec((rows,), lambda j, b_, h: (0,)),
-        pl.BlockSpec((block_k,), lambda j, b_, h: (j,)),
+        pl.BlockSpec((None, rows), lambda j, b_, h: (tq(b_), 0)),
+        pl.BlockSpec((None, block_k), lambda j, b_, h: (tk(b_), j)),
         tuple(pl.BlockSpec((None, rows), lambda j, b_, h: (b_, 0)) for _ in plan.q_vals),
         tuple(pl.BlockSpec((None, block_k), lambda j, b_, h: (b_, j)) for _ in plan.kv_vals),
+        None if plan.head is None else per_row,
+        None if plan.row_seed is None else pl.BlockSpec((None, None, rows), lambda j, b_, h: (b_, h, 0)),
+        tuple(per_row for _ in params),
     )
     out_specs = (
         pl.BlockSpec((None, block_k, None, hp), lambda j, b_, h: (b_, j, h, 0)),
@@ -219,40 +271,56 @@ def backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype=None):
         compiler_params=_compiler_params(bs.warps("dkv", geom.head_dim), bs.num_stages_bwd),
         interpret=cfg.interpret,
         name="flash_bwd_dkv",
-    )(order, counts, q, k, v, bias, do, lse2, delta, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals)
+    )(order, counts, q, k, v, bias, plan.array, do, lse2, delta, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals,
+      plan.head, plan.row_seed, tuple(params))  # fmt: skip
 
 
 # -- backward: dq (and dbias) (q-major tiles) ------------------------------------------------------
 
 
 def _dq_kernel(
-    order_ref, counts_ref, q_ref, k_ref, v_ref, bias_ref, qpos_ref, kvpos_ref, qv_refs, kvv_refs, do_ref, lse_ref,
-    delta_ref, dq_ref, dbias_ref, *, tm: TileMath, block_k: int, pad_kv: bool,
+    order_ref, counts_ref, q_ref, k_ref, v_ref, bias_ref, array_ref, qpos_ref, kvpos_ref, qv_refs, kvv_refs,
+    head_ref, seed_ref, param_refs, do_ref, lse_ref, delta_ref, dq_ref, dbias_ref, dparam_refs, *, tm: TileMath,
+    block_k: int, pad_kv: bool,
 ):  # fmt: skip
     q, do = q_ref[...], do_ref[...]  # [bm, H], [bm, Hv]
     lse2, delta = _col(lse_ref[...]), _col(delta_ref[...])  # [bm, 1]
     q_pos = _col(qpos_ref[...])
     q_vals = tuple(_col(r[...]) for r in qv_refs)
+    head, params, seed = _row_context(head_ref, seed_ref, param_refs, _col)
+    batch = pl.program_id(1) if tm.score_fn is not None else None  # read outside the loops
 
-    def step(t, dq, masked):
+    def step(t, carry, masked):
+        dq, dparams = carry
         start = pl.multiple_of(order_ref[t] * block_k, block_k)
         cols = pl.ds(start, block_k)
         k, v = k_ref[cols, :], v_ref[cols, :]
         bias = None if bias_ref is None else bias_ref[:, cols]
-        s2, th = tm.logits(q, k, bias)  # [bm, bk]
+        kv_pos = _row(kvpos_ref[cols]) if masked or tm.needs_positions else None  # [1, bk]
+        mod = tm.score_mod(batch, head, q_pos, kv_pos, params)
+        s2, th, vjp = tm.logits(q, k, bias, mod, pullback="params" if params else "score")  # [bm, bk]
         mask = None
         if masked:
-            mask = _q_major_mask(tm, q_pos, q_vals, kvpos_ref, kvv_refs, start, block_k, pad_kv, s2.shape)
-        _, ds = tm.probs_and_grads(s2, th, mask, lse2, tm.dot_nt(do, v), delta)
+            mask = _q_major_mask(tm, q_pos, q_vals, kv_pos, kvv_refs, array_ref, start, block_k, pad_kv, s2.shape)
+            if mask is not None:  # keys no row of this tile sees: zero K/V rows (NaN-safe products)
+                seen = tm.seen_keys(mask, kv_major=False)
+                k, v = jnp.where(seen, k, jnp.zeros_like(k)), jnp.where(seen, v, jnp.zeros_like(v))
+        _, ds, dps = tm.probs_and_grads(s2, th, mask, lse2, tm.dot_nt(do, v), delta, tm.keep(seed, kv_pos), vjp)
+        if masked and mask is not None:
+            ds = jnp.where(mask, ds, 0.0)
         if dbias_ref is not None:
             dbias_ref[:, cols] = ds.astype(dbias_ref.dtype)
-        return dq + tm.dot_nn(ds.astype(k.dtype), k)
+        if dps is not None:
+            dparams = tuple(a + d for a, d in zip(dparams, dps))
+        return dq + tm.dot_nn(ds.astype(k.dtype), k), dparams
 
     num_full, num_partial = counts_ref[0], counts_ref[1]
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, num_full, functools.partial(step, masked=False), dq)
-    dq = lax.fori_loop(num_full, num_full + num_partial, functools.partial(step, masked=True), dq)
+    carry = jnp.zeros(q.shape, jnp.float32), tuple(jnp.zeros((q.shape[0], 1), jnp.float32) for _ in params)
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
+    dq, dparams = lax.fori_loop(num_full, num_full + num_partial, functools.partial(step, masked=True), carry)
     dq_ref[...] = (dq * tm.scale).astype(dq_ref.dtype)
+    for ref, d in zip(dparam_refs, dparams):
+        ref[...] = d.reshape(ref.shape)
     if dbias_ref is not None:  # tiles never visited have zero gradient
 
         def zero(t, _):
@@ -263,15 +331,16 @@ def _dq_kernel(
         lax.fori_loop(num_full + num_partial, order_ref.shape[0], zero, 0)
 
 
-def backward_dq(cfg, q, k, v, bias, do, lse2, delta, plan, with_dbias: bool, grad_dtype=None):
-    """``dq [B, Rp, K, H]`` (``grad_dtype`` or ``q.dtype``) and ``dbias [B, Rp, K, Sp]`` float32 or None."""
+def backward_dq(cfg, q, k, v, bias, do, lse2, delta, plan, with_dbias: bool, grad_dtype=None, params=()):
+    """``dq [B, Rp, K, H]`` (``grad_dtype`` or ``q.dtype``), ``dbias [B, Rp, K, Sp]`` float32 or None, and
+    the per-row gradients of the score-mod parameters (each ``[B, K, Rp]`` float32)."""
     geom, bs = cfg.geom, cfg.block_sizes
     block_rows, block_k = geom.dq
     b, rows, kh, hp = q.shape
     kv_len, hvp = k.shape[1], v.shape[-1]
     row_stat = pl.BlockSpec((None, None, block_rows), lambda i, b_, h: (b_, h, i))
     in_specs = [
-        *_q_major_specs(plan, plan.dq, block_rows, hp, kv_len, hvp, bias),
+        *_q_major_specs(plan, plan.dq, block_rows, hp, kv_len, hvp, bias, params),
         pl.BlockSpec((None, block_rows, None, hvp), lambda i, b_, h: (b_, i, h, 0)),
         row_stat,
         row_stat,
@@ -279,10 +348,12 @@ def backward_dq(cfg, q, k, v, bias, do, lse2, delta, plan, with_dbias: bool, gra
     out_specs = (
         pl.BlockSpec((None, block_rows, None, hp), lambda i, b_, h: (b_, i, h, 0)),
         pl.BlockSpec((None, block_rows, None, kv_len), lambda i, b_, h: (b_, i, h, 0)) if with_dbias else None,
+        tuple(row_stat for _ in params),
     )
     out_shape = (
         jax.ShapeDtypeStruct(q.shape, grad_dtype or q.dtype),
         jax.ShapeDtypeStruct((b, rows, kh, kv_len), jnp.float32) if with_dbias else None,
+        tuple(jax.ShapeDtypeStruct((b, kh, rows), jnp.float32) for _ in params),
     )
     kernel = functools.partial(_dq_kernel, tm=cfg.tile_math, block_k=block_k, pad_kv=geom.kv_len < kv_len)
     return pl.pallas_call(
@@ -294,4 +365,4 @@ def backward_dq(cfg, q, k, v, bias, do, lse2, delta, plan, with_dbias: bool, gra
         compiler_params=_compiler_params(bs.warps("dq", geom.head_dim), bs.num_stages_bwd),
         interpret=cfg.interpret,
         name="flash_bwd_dq",
-    )(*plan.dq, q, k, v, bias, plan.q_pos, plan.kv_pos, plan.q_vals, plan.kv_vals, do, lse2, delta)
+    )(*_q_major_inputs(plan, plan.dq, q, k, v, bias, params), do, lse2, delta)

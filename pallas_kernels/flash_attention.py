@@ -49,6 +49,7 @@ from pallas_kernels import (
     _flash_mosaic_tpu,
     _flash_plan,
     _flash_triton,
+    dropout,
 )
 from pallas_kernels._flash_plan import Geometry, Plan
 from pallas_kernels._flash_tile import LOG2E, TileMath
@@ -239,9 +240,25 @@ def _is_hopper() -> bool:
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
+def _hopper_scope_reason(mask: MaskSpec | None, dropout_rate: float) -> str | None:
+    """What of a call's mask and dropout the Hopper kernels do not implement (None: nothing)."""
+    if dropout_rate > 0.0:
+        return "dropout"
+    if mask is None:
+        return None
+    if mask.score_fn is not None:
+        return "a score mod (score_fn)"
+    if mask.array is not None:
+        return "an array mask (MaskSpec.array)"
+    if jnp.ndim(mask.q_positions) == 2 or jnp.ndim(mask.kv_positions) == 2:
+        return "per-sequence positions"
+    return None
+
+
 def _gpu_kernels(
-    q, k, v, *, bias, forward_kernel, backward_kernel, backend, interpret, out_dtype, grad_dtype, block_sizes
-) -> tuple[str, str, BlockSizes]:
+    q, k, v, *, bias, forward_kernel, backward_kernel, backend, interpret, out_dtype, grad_dtype, block_sizes,
+    scope_reason=None,
+) -> tuple[str, str, BlockSizes]:  # fmt: skip
     """The GPU bodies of the forward and of dK/dV for a call, and the block sizes they run with.
 
     ``None`` picks the Mosaic GPU (wgmma) kernel on sm90 when it supports the call, Triton
@@ -260,6 +277,7 @@ def _gpu_kernels(
             return "triton"
         geom = _flash_plan.make_geometry(q.shape, k.shape, v.shape, blocks, pad_head_dims=True)
         reason = "it has no CPU interpreter (use 'triton' to interpret)" if interpret else reason_of(geom)
+        reason = reason or scope_reason
         if reason is None:
             return "mosaic_gpu"
         if requested == "mosaic_gpu":
@@ -298,9 +316,12 @@ def _gpu_kernels(
 
 def _prepare(
     q, k, v, *, mask, scale, softcap, bias, block_sizes, backend, interpret, forward_kernel=None, backward_kernel=None,
-    out_dtype=None, grad_dtype=None,
-) -> tuple[_Config, Plan]:  # fmt: skip
-    """Validate a call and derive its static configuration and runtime visit plan."""
+    out_dtype=None, grad_dtype=None, dropout_rate=0.0, dropout_seed=None,
+) -> tuple[_Config, Plan, tuple]:  # fmt: skip
+    """Validate a call and derive its static configuration, runtime visit plan and score-mod parameters.
+
+    The parameters come back per row (each ``[K, Rp]`` float32), the layout the kernels read.
+    """
     _check_inputs(q, k, v, bias)
     if mask is not None and not isinstance(mask, MaskSpec):
         raise TypeError(f"mask must be a pallas_kernels.mask_info.MaskSpec or None, got {type(mask).__name__}.")
@@ -312,9 +333,15 @@ def _prepare(
     softcap = _static_float("softcap", softcap)
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, got {softcap=}.")
+    dropout_rate = _static_float("dropout_rate", dropout_rate, 0.0)
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate=}.")
+    if dropout_rate > 0.0 and dropout_seed is None:
+        raise ValueError("dropout_rate > 0 needs a dropout_seed (an int32 scalar, e.g. dropout.seed_from_key(key)).")
     forward_kernel, backward_kernel, kernel_blocks = _gpu_kernels(
         q, k, v, bias=bias, forward_kernel=forward_kernel, backward_kernel=backward_kernel, backend=backend,
         interpret=interpret, out_dtype=out_dtype, grad_dtype=grad_dtype, block_sizes=block_sizes,
+        scope_reason=_hopper_scope_reason(mask, dropout_rate),
     )  # fmt: skip
     geom = _flash_plan.make_geometry(q.shape, k.shape, v.shape, kernel_blocks, pad_head_dims=backend == "gpu")
     tile_math = TileMath(
@@ -323,9 +350,15 @@ def _prepare(
         mask_fn=None if mask is None else mask.fn,
         kv_len=geom.kv_len,
         f32_inputs=jnp.dtype(q.dtype) == jnp.float32,
+        score_fn=None if mask is None else mask.score_fn,
+        dropout_rate=dropout_rate,
+        has_array=mask is not None and mask.array is not None,
     )
     cfg = _Config(geom, block_sizes, tile_math, backend, interpret, forward_kernel, backward_kernel)
-    return cfg, _flash_plan.make_plan(mask, geom)
+    score_mod = tile_math.score_fn is not None
+    params = () if not score_mod else tuple(_flash_plan.params_to_rows(x, geom) for x in mask.score_params)
+    plan = _flash_plan.make_plan(mask, geom, score_mod=score_mod, dropout_seed=dropout_seed if dropout_rate else None)
+    return cfg, plan, params
 
 
 def mask_block_shape(block_sizes: BlockSizes, q_len: int, kv_len: int, group: int = 1) -> tuple[int, int]:
@@ -381,6 +414,12 @@ def _stat_from_rows(x: Array, geom: Geometry) -> Array:
     return x[:, :, : geom.rows].reshape(b, kh, t, g).swapaxes(2, 3).reshape(b, kh * g, t)
 
 
+def _params_from_rows(x: Array, geom: Geometry) -> Array:
+    """Per-row gradients ``[B, K, Rp]`` -> per head ``[N]`` (sum over batch and positions)."""
+    kh, g = geom.num_kv_heads, geom.group
+    return x[:, :, : geom.rows].reshape(x.shape[0], kh, geom.q_len, g).sum(axis=(0, 2)).reshape(kh * g)
+
+
 def _pad_kv(x: Array, geom: Geometry, dim_padded: int) -> Array:
     s, d = x.shape[1], x.shape[-1]
     return jnp.pad(x, ((0, 0), (0, geom.kv_padded - s), (0, 0), (0, dim_padded - d)))
@@ -413,35 +452,48 @@ def _kernel_inputs(cfg: _Config, q, k, v, bias):
 # -- the differentiable core (kernel layouts) ------------------------------------------------------
 
 
-def _backward_rows(cfg: _Config, q, k, v, bias, plan: Plan, lse, delta, do, with_dbias: bool, grad_dtype=None):
-    """dq, dk, dv (and dbias ``[B, Rp, K, Sp]`` float32) in kernel layouts from the global statistics."""
+def _backward_rows(
+    cfg: _Config, q, k, v, bias, plan: Plan, lse, delta, do, with_dbias: bool, grad_dtype=None, params=()
+):
+    """dq, dk, dv, dbias ``[B, Rp, K, Sp]`` float32 (or None) and the score-mod parameters' gradients
+    (each ``[B, K, Rp]`` per row, float32) in kernel layouts from the global statistics."""
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)  # rows that see nothing get p = 0
     delta = jnp.where(jnp.isfinite(lse), delta, 0.0)
-    dq, dbias = cfg.body.backward_dq(cfg, q, k, v, bias, do, lse2, delta, plan, with_dbias, grad_dtype)
-    dk, dv = cfg.dkv_body.backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype)
-    return dq, dk, dv, dbias
+    dq, dbias, dparams = cfg.body.backward_dq(cfg, q, k, v, bias, do, lse2, delta, plan, with_dbias, grad_dtype,
+                                              params=params)  # fmt: skip
+    if params:  # the Hopper kernels take no score mod (their scope excludes it)
+        dk, dv = cfg.dkv_body.backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype, params=params)
+    else:
+        dk, dv = cfg.dkv_body.backward_dkv(cfg, q, k, v, bias, do, lse2, delta, plan, grad_dtype)
+    return dq, dk, dv, dbias, dparams
+
+
+def _forward_rows(cfg: _Config, q, k, v, bias, plan, params, out_dtype):
+    if params:
+        return cfg.forward_body.forward(cfg, q, k, v, bias, plan, out_dtype, params=params)
+    return cfg.forward_body.forward(cfg, q, k, v, bias, plan, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention_rows(cfg: _Config, q, k, v, bias, plan):
-    return cfg.forward_body.forward(cfg, q, k, v, bias, plan, q.dtype)
+def _attention_rows(cfg: _Config, q, k, v, bias, plan, params):
+    return _forward_rows(cfg, q, k, v, bias, plan, params, q.dtype)
 
 
 def _unwrap(x):
     return jax.tree.map(lambda p: p.value, x, is_leaf=lambda p: isinstance(p, CustomVJPPrimal))
 
 
-def _attention_rows_fwd(cfg: _Config, q, k, v, bias, plan):
+def _attention_rows_fwd(cfg: _Config, q, k, v, bias, plan, params):
     bias_perturbed = bias is not None and bias.perturbed
-    q, k, v, bias, plan = _unwrap((q, k, v, bias, plan))
-    out, lse = cfg.forward_body.forward(cfg, q, k, v, bias, plan, q.dtype)
+    q, k, v, bias, plan, params = _unwrap((q, k, v, bias, plan, params))
+    out, lse = _forward_rows(cfg, q, k, v, bias, plan, params, q.dtype)
     # The shape of this marker carries a static flag to the backward: compute dbias or not.
     wants_dbias = jnp.zeros((int(bias_perturbed),), jnp.int8)
-    return (out, lse), (q, k, v, bias, plan, out, lse, wants_dbias)
+    return (out, lse), (q, k, v, bias, plan, params, out, lse, wants_dbias)
 
 
 def _attention_rows_bwd(cfg: _Config, residuals, cotangents):
-    q, k, v, bias, plan, out, lse, wants_dbias = residuals
+    q, k, v, bias, plan, params, out, lse, wants_dbias = residuals
     dout, dlse = cotangents
     if isinstance(dout, SymbolicZero):
         dout = jnp.zeros(out.shape, out.dtype)
@@ -452,10 +504,14 @@ def _attention_rows_bwd(cfg: _Config, residuals, cotangents):
     if not isinstance(dlse, SymbolicZero):
         delta = delta - dlse
     with_dbias = wants_dbias.shape[0] == 1
-    dq, dk, dv, dbias = _backward_rows(cfg, q, k, v, bias, plan, lse, delta, dout.astype(q.dtype), with_dbias)
+    dq, dk, dv, dbias, dparams = _backward_rows(
+        cfg, q, k, v, bias, plan, lse, delta, dout.astype(q.dtype), with_dbias, params=params
+    )
     if with_dbias:  # sum over the dims the bias broadcasts along
         dbias = dbias.sum(axis=tuple(a for a in (0, 2) if bias.shape[a] == 1), keepdims=True).astype(bias.dtype)
-    return dq, dk, dv, dbias, None
+    # Per-row parameter gradients [B, K, Rp] -> [K, Rp]; autodiff of params_to_rows sums rows to heads.
+    dparams = tuple(d.sum(axis=0) for d in dparams)
+    return dq, dk, dv, dbias, None, dparams
 
 
 _attention_rows.defvjp(_attention_rows_fwd, _attention_rows_bwd, symbolic_zeros=True)
@@ -479,6 +535,8 @@ def flash_attention(
     backend: str | None = None,
     forward_kernel: str | None = None,
     backward_kernel: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed: Array | None = None,
 ):
     """Differentiable flash attention (forward, dq and dk/dv kernels behind one ``custom_vjp``).
 
@@ -486,7 +544,9 @@ def flash_attention(
       q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]`` (one floating dtype).
       mask: a :class:`~pallas_kernels.mask_info.MaskSpec` for ``[T, S]`` (any ``block_q/block_k``:
         its map is resampled to each kernel's tiles), or None for no mask. Its ``block_map`` may be
-        ``[nq, nk]`` or per batch ``[B, nq, nk]``.
+        ``[nq, nk]`` or per batch ``[B, nq, nk]``, its positions ``[T]``/``[S]`` or per sequence
+        ``[B, T]``/``[B, S]``. Its ``array`` (bool ``[Bm, Nm, T, S]``) is read in PARTIAL tiles;
+        its ``score_fn`` runs on every computed tile and ``score_params`` get gradients.
       scale: multiplies ``q.k`` (default ``1/sqrt(H)``); softcap: ``c * tanh(s / c)`` after bias.
       bias: additive, broadcastable to ``[B, N, T, S]``; differentiable.
       block_sizes: tiles and launch parameters (default ``BlockSizes.for_backend(backend, H)``).
@@ -497,16 +557,23 @@ def flash_attention(
         H == Hv in 64/128/256, no bias) or None: Mosaic GPU on sm90 devices when it supports
         the call, Triton otherwise.
       backward_kernel: the same choice for the dK/dV kernel (Mosaic GPU: H == Hv in 64/128); dQ is
-        computed by the Triton kernel either way.
+        computed by the Triton kernel either way. The Hopper kernels take no score mod, array
+        mask, per-sequence positions or dropout (automatic selection then picks Triton).
+      dropout_rate: static probability of dropping an attention weight (``0 <= rate < 1``); the
+        bits are ``pallas_kernels.dropout.keep_mask(seed, b, n, q_pos, kv_pos)``, regenerated in the
+        backward. ``lse`` stays the undropped one.
+      dropout_seed: int32 scalar (a runtime array), needed when ``dropout_rate > 0``.
 
     Returns:
       ``out [B, T, N, Hv]`` in ``q.dtype`` (and ``lse``). Rows that see no key give zeros,
       ``lse = -inf`` and zero gradients.
     """
-    cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
-                         backend=backend, interpret=interpret, forward_kernel=forward_kernel,
-                         backward_kernel=backward_kernel)  # fmt: skip
-    out, lse = _attention_rows(cfg, *_kernel_inputs(cfg, q, k, v, bias), plan)
+    cfg, plan, params = _prepare(
+        q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes, backend=backend,
+        interpret=interpret, forward_kernel=forward_kernel, backward_kernel=backward_kernel,
+        dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+    )  # fmt: skip
+    out, lse = _attention_rows(cfg, *_kernel_inputs(cfg, q, k, v, bias), plan, params)
     out = _from_rows(out, cfg.geom, cfg.geom.value_head_dim)
     return (out, _stat_from_rows(lse, cfg.geom)) if return_lse else out
 
@@ -525,18 +592,23 @@ def flash_forward(
     backend: str | None = None,
     out_dtype=None,
     forward_kernel: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed: Array | None = None,
 ) -> tuple[Array, Array]:
     """The forward kernel alone (not differentiable): ``(out [B, T, N, Hv], lse [B, N, T])``.
 
     The block step of ring attention: ``out`` is normalised by this call's own ``lse`` and comes
     back in ``out_dtype`` (default ``q.dtype``; float32 keeps the ring's merge exact).
-    ``forward_kernel`` as in :func:`flash_attention`.
+    ``forward_kernel``, ``dropout_rate`` and ``dropout_seed`` as in :func:`flash_attention` (the
+    bits depend on absolute positions only, so a ring's steps draw those of the whole call).
     """
-    cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
-                         backend=backend, interpret=interpret, forward_kernel=forward_kernel,
-                         out_dtype=out_dtype)  # fmt: skip
+    cfg, plan, params = _prepare(
+        q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes, backend=backend,
+        interpret=interpret, forward_kernel=forward_kernel, out_dtype=out_dtype, dropout_rate=dropout_rate,
+        dropout_seed=dropout_seed,
+    )  # fmt: skip
     q_, k_, v_, bias_ = _kernel_inputs(cfg, q, k, v, bias)
-    out, lse = cfg.forward_body.forward(cfg, q_, k_, v_, bias_, plan, jnp.dtype(out_dtype or q.dtype))
+    out, lse = _forward_rows(cfg, q_, k_, v_, bias_, plan, params, jnp.dtype(out_dtype or q.dtype))
     return _from_rows(out, cfg.geom, cfg.geom.value_head_dim), _stat_from_rows(lse, cfg.geom)
 
 
@@ -557,46 +629,66 @@ def flash_backward(
     backend: str | None = None,
     grad_dtype=None,
     backward_kernel: str | None = None,
-) -> tuple[Array, Array, Array]:
+    dropout_rate: float = 0.0,
+    dropout_seed: Array | None = None,
+    return_score_param_grads: bool = False,
+):
     """The backward kernels alone: ``(dq, dk, dv)`` of one ``(q, k/v)`` block given global statistics.
 
     ``lse [B, N, T]`` is the logsumexp of the *whole* attention the block is part of and
     ``delta [B, N, T] = rowsum(out * dout) - dlse`` with the whole output, so the returned
     gradients are this block's exact contributions (ring attention sums them over blocks). They
     come back in ``grad_dtype`` (default: the input dtypes; float32 keeps a ring's sum exact).
-    ``backward_kernel`` as in :func:`flash_attention`.
+    ``backward_kernel``, ``dropout_rate`` and ``dropout_seed`` as in :func:`flash_attention`.
+    ``return_score_param_grads`` appends a tuple with the gradient of each ``mask.score_params``
+    entry (``[N]`` float32, this block's contribution).
     """
-    cfg, plan = _prepare(q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes,
-                         backend=backend, interpret=interpret, backward_kernel=backward_kernel,
-                         grad_dtype=grad_dtype)  # fmt: skip
+    cfg, plan, params = _prepare(
+        q, k, v, mask=mask, scale=scale, softcap=softcap, bias=bias, block_sizes=block_sizes, backend=backend,
+        interpret=interpret, backward_kernel=backward_kernel, grad_dtype=grad_dtype, dropout_rate=dropout_rate,
+        dropout_seed=dropout_seed,
+    )  # fmt: skip
     g = cfg.geom
     q_, k_, v_, bias_ = _kernel_inputs(cfg, q, k, v, bias)
     do = _to_rows(dout.astype(q.dtype), g, g.value_head_dim_padded)
     lse_rows = _stat_to_rows(lse.astype(jnp.float32), g)
     delta_rows = _stat_to_rows(delta.astype(jnp.float32), g)
-    dq, dk, dv, _ = _backward_rows(cfg, q_, k_, v_, bias_, plan, lse_rows, delta_rows, do, False, grad_dtype)
+    dq, dk, dv, _, dparams = _backward_rows(
+        cfg, q_, k_, v_, bias_, plan, lse_rows, delta_rows, do, False, grad_dtype, params=params
+    )
     dk, dv = dk[:, : g.kv_len, :, : g.head_dim], dv[:, : g.kv_len, :, : g.value_head_dim]
-    return _from_rows(dq, g, g.head_dim), dk, dv
+    grads = (_from_rows(dq, g, g.head_dim), dk, dv)
+    if return_score_param_grads:
+        grads += (tuple(_params_from_rows(d, g) for d in dparams),)
+    return grads
 
 
 # -- reference -------------------------------------------------------------------------------------
 
 
 def dense_mask(spec: MaskSpec | None, batch: int, q_len: int, kv_len: int) -> Array | None:
-    """``spec`` evaluated on every (query, key) pair: bool ``[Bm, 1, T, S]`` (None: no mask)."""
-    if spec is None or spec.fn is None:
+    """``spec`` evaluated on every (query, key) pair: bool ``[Bm, Nm, T, S]`` (None: no mask).
+
+    ``spec.dense`` (the mask function and the array, one dense evaluation) checked against the call.
+    """
+    if spec is None:
         return None
-    q_pos = jnp.asarray(spec.q_positions, jnp.int32)[:, None]
-    kv_pos = jnp.asarray(spec.kv_positions, jnp.int32)[None, :]
-    q_vals = tuple(jnp.asarray(x)[:, :, None] for x in spec.q_vals)  # [B, T, 1]
-    kv_vals = tuple(jnp.asarray(x)[:, None, :] for x in spec.kv_vals)  # [B, 1, S]
-    visible = spec.fn(q_pos, kv_pos, q_vals, kv_vals)
-    lead = batch if q_vals or kv_vals else 1
-    return jnp.broadcast_to(visible, (lead, q_len, kv_len))[:, None]
+    visible = spec.dense(batch)
+    if visible is not None and visible.shape[-2:] != (q_len, kv_len):
+        raise ValueError(f"mask covers [T, S]={list(visible.shape[-2:])}, the call is [{q_len}, {kv_len}].")
+    return visible
 
 
-def flash_attention_reference(q, k, v, *, mask: MaskSpec | None = None, scale=None, softcap=None, bias=None):
-    """The kernels' math in plain ``jnp`` with float32 scores: ``(out [B, T, N, Hv], lse [B, N, T])``."""
+def flash_attention_reference(
+    q, k, v, *, mask: MaskSpec | None = None, scale=None, softcap=None, bias=None, dropout_rate: float = 0.0,
+    dropout_seed=None,
+):  # fmt: skip
+    """The kernels' math in plain ``jnp`` with float32 scores: ``(out [B, T, N, Hv], lse [B, N, T])``.
+
+    Same semantics as :func:`flash_attention`: ``scale * q.k + bias``, then ``mask.score_fn``,
+    softcap, the mask (``mask.dense``: function and array), softmax with an undropped ``lse``, and
+    dropout with ``pallas_kernels.dropout.keep_mask`` bits. Differentiable (``score_params`` too).
+    """
     b, t, n, h = q.shape
     s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
     g = n // kh
@@ -606,6 +698,18 @@ def flash_attention_reference(q, k, v, *, mask: MaskSpec | None = None, scale=No
     scores = scores.reshape(b, n, t, s) * scale  # [B, N, T, S]
     if bias is not None:
         scores = scores + jnp.asarray(bias, jnp.float32)
+    q_pos = kv_pos = None
+    if mask is not None and (mask.score_fn is not None or dropout_rate):
+        q_pos, kv_pos = mask.positions(b)  # [B, T], [B, S]
+        q_pos, kv_pos = q_pos[:, None, :, None], kv_pos[:, None, None, :]  # [B, 1, T, 1], [B, 1, 1, S]
+    elif dropout_rate:
+        q_pos = jnp.arange(t, dtype=jnp.int32)[None, None, :, None]
+        kv_pos = jnp.arange(s, dtype=jnp.int32)[None, None, None, :]
+    batch = jnp.arange(b, dtype=jnp.int32)[:, None, None, None]  # [B, 1, 1, 1]
+    head = jnp.arange(n, dtype=jnp.int32)[None, :, None, None]  # [1, N, 1, 1]
+    if mask is not None and mask.score_fn is not None:
+        params = tuple(jnp.asarray(x, jnp.float32).reshape(1, n, 1, 1) for x in mask.score_params)
+        scores = mask.apply_score_fn(scores, batch, head, q_pos, kv_pos, params).astype(jnp.float32)
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     visible = dense_mask(mask, b, t, s)
@@ -614,9 +718,15 @@ def flash_attention_reference(q, k, v, *, mask: MaskSpec | None = None, scale=No
     m = jnp.max(scores, axis=-1, keepdims=True)
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
     p = jnp.exp(scores - m)
+    if visible is not None:  # masked entries are exact zeros (no NaN from a masked score)
+        p = jnp.where(visible, p, 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     safe = jnp.where(denom > 0, denom, 1.0)
     lse = jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf)[..., 0]
-    probs = (p / safe).reshape(b, kh, g, t, s)
+    probs = p / safe
+    if dropout_rate:
+        keep = dropout.keep_mask(dropout_seed, batch, head, q_pos, kv_pos, dropout_rate)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = probs.reshape(b, kh, g, t, s)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return out.reshape(b, t, n, hv).astype(q.dtype), lse

@@ -149,7 +149,7 @@ def test_asking_for_mosaic_out_of_scope_names_the_reason(monkeypatch):
 
 def test_default_dispatch_follows_the_device():
     q = jnp.ones((1, 256, 2, 64), jnp.bfloat16)
-    cfg, _ = fa._prepare(q, q, q, mask=None, scale=None, softcap=None, bias=None, block_sizes=None, backend=None,
+    cfg, _, _ = fa._prepare(q, q, q, mask=None, scale=None, softcap=None, bias=None, block_sizes=None, backend=None,
                          interpret=None)  # fmt: skip
     if fa._is_hopper():
         assert (cfg.forward_body, cfg.dkv_body) == (fa._flash_mosaic_gpu_sm90, fa._flash_mosaic_gpu_sm90_dkv)
