@@ -1,8 +1,12 @@
-"""The blockwise XLA path against the float32 reference: outputs, logsumexp and every gradient.
+"""The blockwise XLA path against a dense float32 oracle built from the same MaskSpec.
 
-Cases are a sampled product of masks x head layouts x lengths x block sizes x dtypes x extras,
-plus targeted tests: fully masked rows, jit/vmap/grad/checkpoint, the ring's block-level
-``fwd``/``bwd``, and proof that empty tiles are skipped rather than masked.
+The oracle (``dense_attention``) materialises ``spec.dense``, applies the bias, the spec's score
+function, the softcap and ``pallas_kernels.dropout.keep_mask`` on the whole ``[B, N, T, S]``
+score matrix: outputs, logsumexp and every gradient (q, k, v, bias, score params, scale) must
+agree. Cases are a sampled product of masks x head layouts x lengths x tiles x dtypes x extras at
+batch 2 with lengths that are not multiples of the tiles, plus targeted tests: per-sequence
+positions (decoding), run-time block maps, NaN in unseen value rows, fully masked rows, the
+ring's block-level ``fwd``/``bwd``, visited tiles, and compiled memory linear in T.
 """
 
 import dataclasses
@@ -14,12 +18,57 @@ import numpy as np
 import pytest
 from helpers import assert_close, random_qkv
 
-import attention_jax as aj
-from attention_jax import masks, score_mods
-from attention_jax.functional import _checks, blockwise
+from attention_jax import masks
+from attention_jax.functional import blockwise
+from pallas_kernels import dropout as dropout_lib
 from pallas_kernels import mask_info
+from pallas_kernels.mask_info import MaskSpec
 
 B = 2
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dense oracle
+# ---------------------------------------------------------------------------------------------------
+
+
+def dense_attention(q, k, v, spec, *, scale, softcap=None, bias=None, dropout_rate=0.0, seed=None):
+    """``(out [B, T, N, Hv] float32, lse [B, N, T])`` from whole score matrices (the semantics of the contract)."""
+    b, t, n, _ = q.shape
+    g = n // k.shape[2]
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # [B, S, N, H]
+    s = jnp.einsum("BTNH,BSNH->BNTS", q, k, precision=HIGHEST) * scale
+    if bias is not None:
+        s = s + bias
+    q_pos, kv_pos = spec.positions(b)  # [B, T], [B, S]
+    batch = jnp.arange(b, dtype=jnp.int32)[:, None, None, None]
+    head = jnp.arange(n, dtype=jnp.int32)[None, :, None, None]
+    q_pos, kv_pos = q_pos[:, None, :, None], kv_pos[:, None, None, :]
+    if spec.score_fn is not None:
+        params = tuple(jnp.reshape(p, (1, n, 1, 1)) for p in spec.score_params)
+        s = spec.score_fn(s, batch, head, q_pos, kv_pos, params)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    visible = spec.dense(b)
+    if visible is not None:
+        s = jnp.where(visible, s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)  # -inf for rows that see nothing
+    p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+    if dropout_rate:
+        keep = dropout_lib.keep_mask(seed, batch, head, q_pos, kv_pos, dropout_rate)
+        p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("BNTS,BSNH->BTNH", p, v, precision=HIGHEST), lse
+
+
+def _host_spec(spec: MaskSpec) -> MaskSpec:
+    """The spec with a numpy block map: the schedule is built at trace time."""
+    return dataclasses.replace(spec, block_map=np.asarray(spec.block_map))
+
+
+def _full_spec(t, s, bq, bk, q_offset=0, kv_offset=0):
+    return masks.full().spec(t, s, bq, bk, q_offset, kv_offset)
 
 
 def _segments(t, s):
@@ -31,9 +80,8 @@ def _segments(t, s):
 
 
 MASKS = {
-    "none": lambda t, s: None,
+    "none": lambda t, s: masks.full(),
     "causal": lambda t, s: masks.causal(offset=s - t),
-    "window": lambda t, s: masks.sliding_window(9),
     "window_two_sided": lambda t, s: masks.sliding_window(5, 7),
     "chunked": lambda t, s: masks.causal() & masks.chunked(12),
     "segments": _segments,
@@ -43,216 +91,306 @@ MASKS = {
     "from_fn": lambda t, s: masks.from_fn(lambda q, k: (q * 3 + k) % 7 != 0),
     "causal&segments|global": lambda t, s: masks.causal() & _segments(t, s) | masks.global_tokens([3]),
     "window&~chunked": lambda t, s: masks.sliding_window(20) & ~masks.chunked(16),
-    "bool_array": lambda t, s: jnp.asarray(np.random.default_rng(t).random((B, 1, t, s)) > 0.4),
 }
 HEADS = [(4, 4), (4, 2), (4, 1)]  # (N, K): MHA, GQA, MQA
-LENGTHS = [(48, 48), (37, 53), (64, 29)]  # (T, S): multiples of the blocks and not
-BLOCKS = [(16, 16), (8, 32), (32, 8)]
-EXTRAS = ["plain", "softcap", "bias", "bias_row"]
+LENGTHS = [(48, 48), (37, 53), (64, 29)]  # (T, S): multiples of the tiles and not
+BLOCKS = [(16, 16), (16, 32), (32, 16)]
+EXTRAS = ["plain", "softcap", "bias", "alibi", "dropout", "array", "bias_row", "score_fn+softcap"]
 
 
-def _cases(names, seed, marks=()):
-    """One case per mask name: heads, lengths, blocks and extras rotate; f32, bf16 and f16 in turn."""
+def _alibi(score, batch, head, q_pos, kv_pos, params):
+    return score + params[0] * (kv_pos - q_pos).astype(score.dtype)
+
+
+def _two_params(score, batch, head, q_pos, kv_pos, params):
+    """Reads every index: a per-batch shift, per-head parameters, both positions."""
+    rel = (kv_pos - q_pos).astype(score.dtype)
+    return score * params[1] + params[0] * jnp.tanh(rel / 8) + 0.1 * batch - 0.05 * (head % 3)
+
+
+def _extras(extra, seed, n, t, s, spec):
+    """``(spec, bias, softcap, dropout_rate)`` for an extra."""
+    key = jax.random.key(seed + 7)
+    bias, softcap, rate = None, None, 0.0
+    if extra == "softcap":
+        softcap = 2.5
+    elif extra == "bias":
+        bias = jax.random.normal(key, (B, n, t, s), jnp.float32)
+    elif extra == "bias_row":  # broadcast over batch and queries: a key-padding style bias
+        bias = jax.random.normal(key, (1, 1, 1, s), jnp.float32)
+    elif extra == "alibi":
+        spec = dataclasses.replace(spec, score_fn=_alibi, score_params=(0.5 ** jnp.arange(1.0, n + 1),))
+    elif extra == "score_fn+softcap":
+        params = (jax.random.normal(key, (n,)), 1.0 + 0.1 * jnp.arange(n, dtype=jnp.float32))
+        spec = dataclasses.replace(spec, score_fn=_two_params, score_params=params)
+        softcap = 3.0
+    elif extra == "dropout":
+        rate = 0.3
+    elif extra == "array":  # a per-head boolean array ANDed with the mask; works with softcap
+        array = jnp.asarray(np.random.default_rng(seed).random((B, n, t, s)) > 0.3)
+        dense = np.asarray(array) & np.asarray(masks_dense(spec, B))
+        block_map = mask_info.shared_block_map(dense, spec.block_q, spec.block_k, axis=(0, 1))
+        spec = dataclasses.replace(spec, array=array, block_map=block_map)
+        softcap = 4.0
+    return spec, bias, softcap, rate
+
+
+def masks_dense(spec, batch):
+    visible = spec.dense(batch)
+    t, s = spec.q_positions.shape[-1], spec.kv_positions.shape[-1]
+    return np.ones((1, 1, t, s), bool) if visible is None else np.asarray(visible)
+
+
+def _cases(names, seed):
+    """One case per mask name: heads, lengths, tiles and extras rotate; f32 and bf16 in turn."""
     rng = random.Random(seed)
     offsets = [rng.randrange(12) for _ in range(4)]
-    dtypes = (jnp.float32, jnp.bfloat16, jnp.float32, jnp.float16)
     cases = []
     for i, name in enumerate(names):
         heads = HEADS[(i + offsets[0]) % len(HEADS)]
         lengths = LENGTHS[(i + offsets[1]) % len(LENGTHS)]
         blocks = BLOCKS[(i // 3 + offsets[2]) % len(BLOCKS)]
         extra = EXTRAS[(i + offsets[3]) % len(EXTRAS)]
-        dtype = dtypes[i % len(dtypes)]
+        dtype = (jnp.float32, jnp.bfloat16)[i % 2]
         case_id = f"{name}-N{heads[0]}K{heads[1]}-T{lengths[0]}S{lengths[1]}-b{blocks[0]}x{blocks[1]}-"
         case_id += f"{jnp.dtype(dtype).name}-{extra}"
-        cases.append(pytest.param(name, heads, lengths, blocks, dtype, extra, id=case_id, marks=marks))
+        cases.append(pytest.param(name, heads, lengths, blocks, dtype, extra, id=case_id))
     return cases
 
 
-# The quick set: every mask family at least once (window, causal and combinations recur below).
-QUICK = [
-    "causal&segments|global",
-    "padding",
-    "bool_array",
-    "from_fn",
-    "prefix_lm",
-    "random_blocks",
-    "chunked",
-    "window&~chunked",
-    "none",
-]
+def _loss(out, lse):
+    """Touches out and lse, so that the lse cotangent path is exercised too."""
+    weights = jnp.cos(jnp.arange(out.shape[-1], dtype=jnp.float32))
+    finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return jnp.sum(out.astype(jnp.float32) * weights) + 0.3 * jnp.sum(jnp.sin(finite_lse))
 
 
-def _inputs(seed, n, k, t, s, dtype, extra, hv=12):
-    q, key, v = random_qkv(seed, b=B, t=t, s=s, n=n, k=k, h=16, hv=hv, dtype=dtype)
-    bias = None
-    if extra == "bias":
-        bias = jax.random.normal(jax.random.key(seed + 7), (B, n, t, s), jnp.float32)
-    elif extra == "bias_row":  # broadcast over batch and queries: a key-padding style bias
-        bias = jax.random.normal(jax.random.key(seed + 7), (1, 1, 1, s), jnp.float32)
-    softcap = 2.5 if extra == "softcap" else None
-    return q, key, v, bias, softcap
+def check_against_dense(q, k, v, spec, *, scale, softcap=None, bias=None, rate=0.0, seed=None, traced_spec=False):
+    """Outputs, lse and gradients (q, k, v, bias, score params, array scale) against the dense oracle."""
+    dtype = q.dtype
+    seed = None if not rate else jnp.int32(seed if seed is not None else 1234)
 
+    def ours(q, k, v, bias, params, scale, spec):
+        spec = dataclasses.replace(spec, score_params=params)
+        kw = dict(scale=scale, softcap=softcap, bias=bias, dropout_rate=rate, dropout_seed=seed)
+        return blockwise.attention(q, k, v, spec, **kw)
 
-def _loss_and_grads(impl, q, key, v, bias, *, mask, softcap, score_mod=None, block_q=None, block_k=None):
-    """``(out, lse)`` and the gradients of a loss that touches both (so dlse is exercised too)."""
-    hv = v.shape[-1]
+    def oracle(q, k, v, bias, params, scale, spec):
+        spec = dataclasses.replace(spec, score_params=params)
+        return dense_attention(q, k, v, spec, scale=scale, softcap=softcap, bias=bias, dropout_rate=rate, seed=seed)
 
-    def run(q, key, v, bias):
-        shape = _checks.check_qkv(q, key, v)
-        scale = _checks.check_scale(None, shape.head_dim)
-        if impl == "reference":
-            return aj.dot_product_attention(
-                q,
-                key,
-                v,
-                bias=bias,
-                mask=mask,
-                softcap=softcap,
-                score_mod=score_mod,
-                implementation="reference",
-                return_lse=True,
-            )
-        return blockwise.attention(
-            q,
-            key,
-            v,
-            shape=shape,
-            scale=scale,
-            mask=mask,
-            bias=bias,
-            softcap=softcap,
-            score_mod=score_mod,
-            block_q=block_q,
-            block_k=block_k,
-        )
+    args = (q, k, v, bias, tuple(spec.score_params), jnp.float32(scale))
+    argnums = (0, 1, 2, 3, 4, 5)
 
-    def loss(q, key, v, bias):
-        out, lse = run(q, key, v, bias)
-        weights = jnp.cos(jnp.arange(hv, dtype=jnp.float32))
-        finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-        return jnp.sum(out.astype(jnp.float32) * weights) + 0.3 * jnp.sum(jnp.sin(finite_lse)), (out, lse)
+    def grads_of(f, *args, jit_spec):
+        def loss(*a):
+            out, lse = f(*a)
+            return _loss(out, lse), (out, lse)
 
-    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-    grads, (out, lse) = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, key, v, bias)
-    return out, lse, grads
+        if jit_spec:  # the spec is a jit argument: its block map is traced (run-time schedule)
+            return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(*args)
+        return jax.jit(jax.grad(lambda *a: loss(*a, spec), argnums=argnums, has_aux=True))(*args[:-1])
 
-
-def _check_against_reference(q, key, v, bias, *, mask, softcap, dtype, score_mod=None, block_q=None, block_k=None):
-    out, lse, grads = _loss_and_grads(
-        "blockwise", q, key, v, bias, mask=mask, softcap=softcap, score_mod=score_mod, block_q=block_q, block_k=block_k
-    )
+    grads, (out, lse) = grads_of(ours, *args, spec, jit_spec=traced_spec)
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
-    ref_out, ref_lse, ref_grads = _loss_and_grads(
-        "reference", f32(q), f32(key), f32(v), bias, mask=mask, softcap=softcap, score_mod=score_mod
-    )
-    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    ref_args = (f32(q), f32(k), f32(v)) + args[3:]
+    want, (ref_out, ref_lse) = grads_of(oracle, *ref_args, spec, jit_spec=False)
+
+    assert out.dtype == dtype and out.shape == ref_out.shape and lse.dtype == jnp.float32
     assert_close(out, ref_out, dtype=dtype)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
     finite = np.isfinite(ref_lse)
     assert_close(jnp.where(finite, lse, 0.0), jnp.where(finite, ref_lse, 0.0), dtype=dtype)
-    for name, g, want, primal in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads, (q, key, v, bias)):
-        assert g.dtype == primal.dtype, name
-        assert bool(jnp.isfinite(g.astype(jnp.float32)).all()), name
-        assert_close(g, want, dtype=dtype, grad=True)
+    names = ("dq", "dk", "dv", "dbias", "dparams", "dscale")
+    for name, g, w, primal in zip(names, grads, want, args):
+        if primal is None:
+            continue
+        for g_leaf, w_leaf, p_leaf in zip(jax.tree.leaves(g), jax.tree.leaves(w), jax.tree.leaves(primal)):
+            assert g_leaf.dtype == p_leaf.dtype, name
+            assert bool(jnp.isfinite(g_leaf.astype(jnp.float32)).all()), name
+            # Parameter and scale gradients sum over every score: scale the tolerance by their size.
+            norm = 1.0 if name in ("dq", "dk", "dv", "dbias") else max(1.0, float(jnp.abs(w_leaf).max()))
+            assert_close(g_leaf / norm, w_leaf / norm, dtype=dtype, grad=True)
     return out, lse, grads
 
 
-@pytest.mark.parametrize(
-    "mask_name,heads,lengths,blocks,dtype,extra",
-    _cases(QUICK, seed=0) + _cases(sorted(MASKS) * 2, seed=1, marks=pytest.mark.slow),
-)
-def test_matches_reference(mask_name, heads, lengths, blocks, dtype, extra):
-    (n, k), (t, s), (bq, bk) = heads, lengths, blocks
-    q, key, v, bias, softcap = _inputs(len(mask_name) + t, n, k, t, s, dtype, extra)
-    _check_against_reference(
-        q, key, v, bias, mask=MASKS[mask_name](t, s), softcap=softcap, dtype=dtype, block_q=bq, block_k=bk
+@pytest.mark.parametrize("mask_name,heads,lengths,blocks,dtype,extra", _cases(sorted(MASKS), seed=0))
+def test_matches_dense_oracle(mask_name, heads, lengths, blocks, dtype, extra):
+    (n, kv_heads), (t, s), (bq, bk) = heads, lengths, blocks
+    seed = len(mask_name) + t
+    q, k, v = random_qkv(seed, b=B, t=t, s=s, n=n, k=kv_heads, h=16, hv=12, dtype=dtype)
+    spec = MASKS[mask_name](t, s).spec(t, s, bq, bk)
+    spec, bias, softcap, rate = _extras(extra, seed, n, t, s, spec)
+    check_against_dense(q, k, v, spec, scale=0.25, softcap=softcap, bias=bias, rate=rate)
+
+
+@pytest.mark.parametrize("extra", ["plain", "dropout", "score_fn+softcap"])
+def test_traced_block_map_runs_the_runtime_schedule(extra):
+    """A spec passed through jit (its block map traced) gives the same results as a static one."""
+    t, s, n = 45, 51, 4
+    q, k, v = random_qkv(3, b=B, t=t, s=s, n=n, k=2, h=16, hv=8)
+    spec = (masks.causal(offset=6) & masks.padding(kv_lengths=jnp.array([40, 51]))).spec(t, s, 16, 16)
+    spec, bias, softcap, rate = _extras(extra, 3, n, t, s, spec)
+    check_against_dense(q, k, v, spec, scale=0.3, softcap=softcap, bias=bias, rate=rate, traced_spec=True)
+    check_against_dense(q, k, v, _host_spec(spec), scale=0.3, softcap=softcap, bias=bias, rate=rate)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-sequence positions: decoding with per-sequence cache offsets, packed batches
+# ---------------------------------------------------------------------------------------------------
+
+
+def _per_sequence_spec(mask, t, s, bq, bk, q_offsets, kv_offset=0):
+    """``q_positions [B, T]`` from per-sequence offsets and a per-sequence block map ``[B, nq, nk]``."""
+    maps = [np.asarray(mask.block_map(t, s, bq, bk, int(o), kv_offset)) for o in q_offsets]
+    q_pos = jnp.asarray(np.asarray(q_offsets)[:, None] + np.arange(t), jnp.int32)
+    return MaskSpec(
+        fn=mask.fn(kv_offset + s),
+        block_map=np.stack(maps),
+        q_positions=q_pos,
+        kv_positions=kv_offset + jnp.arange(s, dtype=jnp.int32),
+        block_q=bq,
+        block_k=bk,
     )
 
 
-def test_score_mod_parameters_and_an_array_scale_get_gradients():
+@pytest.mark.parametrize("extra", ["plain", "alibi", "dropout"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_per_sequence_positions(extra, dtype):
+    """Decode-style chunk: each sequence's queries sit at their own cache offset (sliding window)."""
+    t, s, n = 7, 90, 4
+    mask = masks.causal() & masks.sliding_window(24)
+    spec = _per_sequence_spec(mask, t, s, 16, 16, q_offsets=[20, 75])
+    q, k, v = random_qkv(5, b=B, t=t, s=s, n=n, k=1, h=16, dtype=dtype)
+    spec, bias, softcap, rate = _extras(extra, 5, n, t, s, spec)
+    check_against_dense(q, k, v, spec, scale=0.25, bias=bias, softcap=softcap, rate=rate)
+    # The merged schedule visits the tiles some sequence needs: 5 of the 6 key tiles (not tile 2).
+    sched = blockwise.schedule_for(spec)
+    assert int(sched.count[0]) == 5 and 2 not in np.asarray(sched.idx[0, :5]).tolist()
+
+
+def test_per_sequence_offsets_traced():
+    """Offsets traced under jit (a decode step): positions and block map are run-time arrays."""
+    t, s, bq, bk = 5, 64, 8, 16
+    mask = masks.causal()
+    q, k, v = random_qkv(6, b=B, t=t, s=s, n=2, h=8)
+
+    @jax.jit
+    def step(q, k, v, offsets):
+        q_pos = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
+        kv_pos = jnp.arange(s, dtype=jnp.int32)
+        dense = q_pos[:, :, None] >= kv_pos[None, None, :]
+        block_map = mask_info.block_map_from_dense(dense, bq, bk)  # [B, nq, nk], traced
+        spec = MaskSpec(mask.fn(s), block_map, q_pos, kv_pos, block_q=bq, block_k=bk)
+        return blockwise.attention(q, k, v, spec, scale=0.3)
+
+    offsets = jnp.array([3, 40], jnp.int32)
+    out, lse = step(q, k, v, offsets)
+    spec = _per_sequence_spec(mask, t, s, bq, bk, q_offsets=[3, 40])
+    ref_out, ref_lse = dense_attention(q, k, v, spec, scale=0.3)
+    assert_close(out, ref_out)
+    assert_close(lse, ref_lse)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradients of score parameters and an array scale; dropout bits
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_score_params_and_an_array_scale_get_gradients():
     n, t = 4, 40
-    q, key, v = random_qkv(3, b=B, t=t, n=n, k=2, h=16)
-    table = jax.random.normal(jax.random.key(4), (8, n))
-    slopes = jnp.array([0.5, 0.25, 0.125, 0.0625])
+    q, k, v = random_qkv(3, b=B, t=t, n=n, k=2, h=16)
+    spec = masks.causal().spec(t, t, 16, 8)
+    params = (jnp.array([0.5, -0.25, 0.125, 0.0625]), jnp.array([1.0, 0.9, 1.1, 1.2]))
+    spec = dataclasses.replace(spec, score_fn=_two_params, score_params=params)
+    _, _, grads = check_against_dense(q, k, v, spec, scale=0.3)
+    dparams, dscale = grads[4], grads[5]
+    assert all(d.shape == (n,) for d in dparams) and dscale.shape == ()
+    assert float(jnp.abs(dparams[0]).min()) > 0 and float(jnp.abs(dscale)) > 0
 
-    def loss(impl, slopes, table, scale, q):
-        mod = score_mods.compose(score_mods.alibi(slopes), score_mods.relative_position_bias(table, 8, 32))
-        shape = _checks.check_qkv(q, key, v)
-        if impl == "reference":
-            out = aj.dot_product_attention(
-                q, key, v, mask=masks.causal(), scale=scale, score_mod=mod, implementation="reference"
-            )
-        else:
-            out = blockwise.attention(
-                q, key, v, shape=shape, scale=scale, mask=masks.causal(), score_mod=mod, block_q=16, block_k=8
-            )[0]
-        return jnp.sum(out * jnp.sin(jnp.arange(16.0)))
 
-    args = (slopes, table, jnp.float32(0.3), q)
-    got = jax.jit(jax.grad(lambda *a: loss("blockwise", *a), argnums=(0, 1, 2, 3)))(*args)
-    want = jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2, 3))(*args)
-    for g, w in zip(got, want):
-        assert g.dtype == w.dtype
-        assert_close(g, w, grad=True)
+def test_dropout_bits_follow_the_seed():
+    t = 33
+    q, k, v = random_qkv(4, b=B, t=t, n=2, h=8)
+    spec = masks.causal().spec(t, t, 16, 16)
+    run = lambda seed: blockwise.attention(q, k, v, spec, scale=0.3, dropout_rate=0.5, dropout_seed=jnp.int32(seed))
+    out_a, lse_a = run(1)
+    out_b, lse_b = run(2)
+    plain, lse = blockwise.attention(q, k, v, spec, scale=0.3)
+    assert not bool(jnp.allclose(out_a, out_b))
+    assert_close(lse_a, lse)  # dropout acts on the normalised weights: the lse is unchanged
+    assert_close(lse_b, lse)
+    with pytest.raises(ValueError, match="dropout_seed"):
+        blockwise.attention(q, k, v, spec, scale=0.3, dropout_rate=0.1)
+    with pytest.raises(ValueError, match="dropout_rate"):
+        blockwise.attention(q, k, v, spec, scale=0.3, dropout_rate=1.0, dropout_seed=jnp.int32(0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masked rows, unseen values
+# ---------------------------------------------------------------------------------------------------
 
 
 def test_fully_masked_rows_give_zeros_and_finite_zero_gradients():
     t, s = 20, 24
-    q, key, v = random_qkv(6, b=B, t=t, s=s, n=4, k=2, h=8)
+    q, k, v = random_qkv(6, b=B, t=t, s=s, n=4, k=2, h=8)
     # Queries 0..5 see nothing (causal with a negative offset); batch 1 pads its last 7 queries.
     mask = masks.causal(offset=-6) & masks.padding(q_lengths=jnp.array([t, t - 7]))
-    out, lse, (dq, dk, dv) = _check_against_reference(
-        q, key, v, None, mask=mask, softcap=None, dtype=jnp.float32, block_q=8, block_k=8
-    )
+    out, lse, grads = check_against_dense(q, k, v, mask.spec(t, s, 8, 8), scale=0.3)
+    dq = grads[0]
     assert float(jnp.abs(out[:, :6]).max()) == 0.0 and float(jnp.abs(out[1, t - 7 :]).max()) == 0.0
     assert bool(jnp.isneginf(lse[:, :, :6]).all()) and bool(jnp.isneginf(lse[1, :, t - 7 :]).all())
     assert bool(jnp.isfinite(lse[0, :, 6:]).all())
     assert float(jnp.abs(dq[:, :6]).max()) == 0.0 and float(jnp.abs(dq[1, t - 7 :]).max()) == 0.0
 
 
-@pytest.mark.parametrize("transform", ["vmap", "checkpoint", "dispatch"])
+@pytest.mark.parametrize("rate", [0.0, 0.2])
+def test_nan_in_unseen_value_rows_stays_out(rate):
+    """Cache slots never written (NaN) past each sequence's length: finite outputs and gradients."""
+    t, s = 24, 40
+    lengths = jnp.array([13, 29])
+    q, k, v = random_qkv(7, b=B, t=t, s=s, n=4, k=2, h=8)
+    unwritten = jnp.arange(s)[None, :, None, None] >= lengths[:, None, None, None]
+    k, v = jnp.where(unwritten, jnp.nan, k), jnp.where(unwritten, jnp.nan, v)
+    spec = masks.padding(kv_lengths=lengths).spec(t, s, 8, 16)  # key tiles 0..2 are PARTIAL
+
+    def loss(q, k, v):
+        out, _ = blockwise.attention(q, k, v, spec, scale=0.3, dropout_rate=rate, dropout_seed=jnp.int32(3))
+        return jnp.sum(out**2), out
+
+    (dq, dk, dv), out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    assert bool(jnp.isfinite(out).all()) and bool(jnp.isfinite(dq).all())
+    seen = ~unwritten[..., 0, 0]
+    assert bool(jnp.isfinite(dk[seen]).all()) and bool(jnp.isfinite(dv[seen]).all())
+    ref, _ = dense_attention(
+        q, jnp.where(unwritten, 0.0, k), jnp.where(unwritten, 0.0, v), spec, scale=0.3, dropout_rate=rate,
+        seed=jnp.int32(3),
+    )  # fmt: skip
+    assert_close(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transformations
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transform", ["vmap", "checkpoint"])
 def test_compositions(transform):
-    """jax.jit around everything; jax.grad through jax.vmap, jax.checkpoint and the dispatcher."""
-    q, key, v = random_qkv(8, b=3, t=32, n=4, k=2, h=8)
-    mask = masks.causal() & masks.sliding_window(10)
-
-    def attend(impl, q, key, v):
-        if impl == "reference":
-            return aj.dot_product_attention(q, key, v, mask=mask, implementation="reference")
-        if impl == "dispatch":
-            return aj.dot_product_attention(q, key, v, mask=mask, implementation="blockwise")
-        shape = _checks.check_qkv(q, key, v)
-        return blockwise.attention(q, key, v, shape=shape, scale=8**-0.5, mask=mask, block_q=8, block_k=8)[0]
-
+    """jax.jit around everything; jax.grad through jax.vmap and jax.checkpoint."""
+    q, k, v = random_qkv(8, b=3, t=32, n=4, k=2, h=8)
+    spec = (masks.causal() & masks.sliding_window(10)).spec(32, 32, 8, 8)
+    attend = lambda q, k, v: blockwise.attention(q, k, v, spec, scale=8**-0.5)[0]
     if transform == "vmap":  # over the batch: each example as a B=1 call
-        one = lambda q, key, v: attend("blockwise", q[None], key[None], v[None])[0]
-        loss = lambda q, key, v: jnp.sum(jnp.tanh(jax.vmap(one)(q, key, v)))
-    elif transform == "checkpoint":
-        loss = jax.checkpoint(lambda q, key, v: jnp.sum(jnp.tanh(attend("blockwise", q, key, v))))
+        one = lambda q, k, v: attend(q[None], k[None], v[None])[0]
+        loss = lambda q, k, v: jnp.sum(jnp.tanh(jax.vmap(one)(q, k, v)))
     else:
-        loss = lambda q, key, v: jnp.sum(jnp.tanh(attend("dispatch", q, key, v)))
-    val, got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, key, v)
-    want_val, want = jax.value_and_grad(lambda *a: jnp.sum(jnp.tanh(attend("reference", *a))), argnums=(0, 1, 2))(
-        q, key, v
-    )
+        loss = jax.checkpoint(lambda q, k, v: jnp.sum(jnp.tanh(attend(q, k, v))))
+    val, got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    oracle = lambda q, k, v: jnp.sum(jnp.tanh(dense_attention(q, k, v, spec, scale=8**-0.5)[0]))
+    want_val, want = jax.value_and_grad(oracle, argnums=(0, 1, 2))(q, k, v)
     assert_close(val, want_val)
     for g, w in zip(got, want):
         assert_close(g, w, grad=True)
-
-
-def test_traced_boolean_mask_under_jit():
-    t, s = 30, 40
-    q, key, v = random_qkv(9, b=B, t=t, s=s, n=2, h=8)
-    mask = jnp.asarray(np.random.default_rng(1).random((B, 2, t, s)) > 0.5).at[:, :, :, 16:32].set(False)
-    shape = _checks.check_qkv(q, key, v)
-    f = jax.jit(lambda q, m: blockwise.attention(q, key, v, shape=shape, scale=0.3, mask=m, block_q=8, block_k=16))
-    out, lse = f(q, mask)
-    ref_out, ref_lse = aj.dot_product_attention(
-        q, key, v, mask=mask, scale=0.3, implementation="reference", return_lse=True
-    )
-    assert_close(out, ref_out)
-    assert_close(lse, ref_lse)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,7 +404,7 @@ step_bwd = jax.jit(blockwise.bwd, static_argnames=("scale", "softcap"))
 
 def _ring_spec(mask, t, s, kv_total, kv_offset, bq, bk):
     """The spec a ring step sees: the mask function of the whole sequence, this shard's positions."""
-    return mask_info.MaskSpec(
+    return MaskSpec(
         fn=mask.fn(kv_total),
         block_map=jnp.asarray(mask.block_map(t, s, bq, bk, kv_offset=kv_offset), jnp.int32),
         q_positions=jnp.arange(t, dtype=jnp.int32),
@@ -282,26 +420,33 @@ STEP_T, STEP_S, STEP_HALF, STEP_BQ, STEP_BK = 24, 40, 20, 8, 16
 STEP_MASK = masks.causal(offset=STEP_S - STEP_T) & _segments(STEP_T, STEP_S) | masks.global_tokens([30])
 
 
-def test_step_halves_combine_to_the_whole():
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_step_halves_combine_to_the_whole(per_sequence):
     """Two key halves merged through their lse give the whole.
 
     ``bwd`` of each half with the global lse and delta gives gradients that sum to the full ones.
+    Per-sequence positions (``[B, T]``, ``[B, S]``) give the same answer as shared ones.
     """
     t, s, half = STEP_T, STEP_S, STEP_HALF
-    q, key, v = random_qkv(12, b=B, t=t, s=s, n=4, k=2, h=8, hv=6)
+    q, k, v = random_qkv(12, b=B, t=t, s=s, n=4, k=2, h=8, hv=6)
     parts = []
     for lo in (0, half):
         spec = _ring_spec(STEP_MASK, t, half, s, lo, STEP_BQ, STEP_BK)
-        parts.append((spec, key[:, lo : lo + half], v[:, lo : lo + half]))
+        if per_sequence:
+            spec = dataclasses.replace(
+                spec,
+                q_positions=jnp.broadcast_to(spec.q_positions, (B, t)),
+                kv_positions=jnp.broadcast_to(spec.kv_positions, (B, half)),
+            )
+        parts.append((spec, k[:, lo : lo + half], v[:, lo : lo + half]))
     outs = [step_fwd(q, k_i, v_i, spec, scale=0.5, softcap=3.0) for spec, k_i, v_i in parts]
     assert outs[0][0].dtype == jnp.float32 and outs[0][1].dtype == jnp.float32
     lse = jnp.logaddexp(outs[0][1], outs[1][1])  # [B, N, T]
     weight = lambda lse_i: jnp.where(jnp.isfinite(lse_i), jnp.exp(lse_i - lse), 0.0)
     out = sum(o * jnp.swapaxes(weight(lse_i), 1, 2)[..., None] for o, lse_i in outs)
-    attend = lambda q, key, v: aj.dot_product_attention(
-        q, key, v, mask=STEP_MASK, scale=0.5, softcap=3.0, implementation="reference", return_lse=True
-    )
-    (ref_out, ref_lse), vjp = jax.vjp(attend, q, key, v)
+    whole = STEP_MASK.spec(t, s, STEP_BQ, STEP_BK)
+    attend = lambda q, k, v: dense_attention(q, k, v, whole, scale=0.5, softcap=3.0)
+    (ref_out, ref_lse), vjp = jax.vjp(attend, q, k, v)
     assert_close(out, ref_out)
     finite = jnp.isfinite(ref_lse)
     assert_close(jnp.where(finite, lse, 0.0), jnp.where(finite, ref_lse, 0.0))
@@ -317,19 +462,19 @@ def test_step_halves_combine_to_the_whole():
 
 def test_step_with_an_all_empty_block_map_outputs_zeros():
     t, half = STEP_T, STEP_HALF
-    q, key, v = random_qkv(14, b=B, t=t, s=half, n=4, k=2, h=8, hv=6)
+    q, k, v = random_qkv(14, b=B, t=t, s=half, n=4, k=2, h=8, hv=6)
     spec = _ring_spec(STEP_MASK, t, half, STEP_S, 0, STEP_BQ, STEP_BK)
     # Keys far in the future: the block map is all EMPTY (same mask function: the compiled step is reused).
     spec = dataclasses.replace(spec, kv_positions=spec.kv_positions + 500, block_map=jnp.zeros_like(spec.block_map))
-    out, lse = step_fwd(q, key, v, spec, scale=0.5, softcap=3.0)
+    out, lse = step_fwd(q, k, v, spec, scale=0.5, softcap=3.0)
     assert float(jnp.abs(out).max()) == 0.0 and bool(jnp.isneginf(lse).all())
-    dq, dk, dv = step_bwd(q, key, v, spec, lse, jnp.zeros_like(lse), jnp.ones_like(out), scale=0.5, softcap=3.0)
+    dq, dk, dv = step_bwd(q, k, v, spec, lse, jnp.zeros_like(lse), jnp.ones_like(out), scale=0.5, softcap=3.0)
     for g in (dq, dk, dv):
         assert float(jnp.abs(g).max()) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
-# Empty tiles are skipped, not masked
+# Empty tiles are skipped, not masked; memory is linear in T
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -338,31 +483,48 @@ def test_step_with_an_all_empty_block_map_outputs_zeros():
     [(masks.causal(), 64, 10), (masks.sliding_window(7), 64, 7), (masks.causal() & masks.chunked(16), 64, 4)],
 )
 def test_schedule_visits_only_visible_tiles(mask, t, visible):
-    sched = blockwise.schedule_for(mask, t, t, 16, 16)
-    block_map = mask.block_map(t, t, 16, 16)
+    spec = _host_spec(mask.spec(t, t, 16, 16))
+    sched = blockwise.schedule_for(spec)
+    block_map = np.asarray(spec.block_map)
     assert int(sched.count.sum()) == mask_info.count_visible_blocks(block_map) == visible
     listed = [(i, int(sched.idx[i, n])) for i in range(len(block_map)) for n in range(int(sched.count[i]))]
     assert sorted(listed) == sorted(zip(*np.nonzero(block_map)))
-    kinds = [int(sched.kind[i, n]) for i in range(len(block_map)) for n in range(int(sched.count[i]))]
-    assert kinds.count(mask_info.FULL) == int((block_map == mask_info.FULL).sum())
+    assert int((sched.kinds() == mask_info.FULL).sum()) == int((block_map == mask_info.FULL).sum())
 
 
 def test_nan_in_an_empty_key_block_never_reaches_the_output():
     t, bq, bk = 64, 16, 16
-    q, key, v = random_qkv(15, b=1, t=t, n=2, h=8)
-    mask = masks.causal() & masks.sliding_window(10)
+    q, k, v = random_qkv(15, b=1, t=t, n=2, h=8)
+    spec = (masks.causal() & masks.sliding_window(10)).spec(t, t, bq, bk)
     # Key block 3 (positions 48..63) is EMPTY for query blocks 0..2: masking alone would give 0 * NaN.
-    key = key.at[:, 48:].set(jnp.nan)
-    v = v.at[:, 48:].set(jnp.nan)
-    shape = _checks.check_qkv(q, key, v)
+    k, v = k.at[:, 48:].set(jnp.nan), v.at[:, 48:].set(jnp.nan)
 
-    def loss(q, key, v):
-        out, _ = blockwise.attention(q, key, v, shape=shape, scale=0.3, mask=mask, block_q=bq, block_k=bk)
+    def loss(q, k, v):
+        out, _ = blockwise.attention(q, k, v, spec, scale=0.3)
         return jnp.sum(out[:, :48] ** 2), out
 
-    (dq, dk, dv), out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, key, v)
+    (dq, dk, dv), out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     assert bool(jnp.isfinite(out[:, :48]).all()) and not bool(jnp.isfinite(out[:, 48:]).any())
     assert bool(jnp.isfinite(dq[:, :48]).all()) and bool(jnp.isfinite(dk[:, :32]).all())
+
+
+@pytest.mark.parametrize("extra", ["dropout", "alibi"])
+def test_compiled_memory_is_linear_in_t(extra):
+    """A causal forward + backward at T=8192 compiles to far less than one T x T float32 buffer."""
+    t, n, h = 8192, 2, 32
+    q = jax.ShapeDtypeStruct((1, t, n, h), jnp.float32)
+    spec = masks.causal().spec(t, t, *blockwise.default_block_sizes(t, t))
+    spec, _, _, rate = _extras(extra, 0, n, t, t, spec)
+
+    def loss(q, k, v, params):
+        s = dataclasses.replace(spec, score_params=params)
+        out, _ = blockwise.attention(q, k, v, s, scale=h**-0.5, dropout_rate=rate, dropout_seed=jnp.int32(5))
+        return jnp.sum(out)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    compiled = grad.trace(q, q, q, spec.score_params).lower().compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < t * t * 4 / 16, f"{temp / 2**20:.0f} MiB of temporaries"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -370,10 +532,27 @@ def test_nan_in_an_empty_key_block_never_reaches_the_output():
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_block_sizes_are_validated_and_fitted():
-    q, key, v = random_qkv(16, b=1, t=10, n=2, h=8)
-    shape = _checks.check_qkv(q, key, v)
-    with pytest.raises(ValueError, match="block_q"):
-        blockwise.attention(q, key, v, shape=shape, scale=1.0, block_q=0)
+def test_spec_is_validated_and_blocks_are_fitted():
+    q, k, v = random_qkv(16, b=1, t=10, n=2, h=8)
+    spec = _full_spec(10, 10, 4, 4)
+    with pytest.raises(ValueError, match="block_map"):
+        blockwise.attention(q, k, v, dataclasses.replace(spec, block_q=8), scale=1.0)
+    with pytest.raises(ValueError, match="score_params"):
+        blockwise.attention(q, k, v, dataclasses.replace(spec, score_fn=_alibi, score_params=(jnp.ones(3),)), scale=1.0)
     assert blockwise.default_block_sizes(1000, 100, "cpu") == (500, 100)
-    assert blockwise.default_block_sizes(4096, 4096, "cpu") == (512, 256)
+
+
+def test_a_hand_built_spec_without_a_mask_function():
+    """``fn=None`` and an all-FULL map over a ragged S: the padding columns are still masked."""
+    t, s, bq, bk = 21, 27, 8, 8
+    q, k, v = random_qkv(17, b=B, t=t, s=s, n=2, h=8)
+    nq, nk = mask_info.num_blocks(t, bq), mask_info.num_blocks(s, bk)
+    spec = MaskSpec(
+        fn=None,
+        block_map=np.full((nq, nk), mask_info.FULL, np.int8),
+        q_positions=jnp.arange(t, dtype=jnp.int32),
+        kv_positions=jnp.arange(s, dtype=jnp.int32),
+        block_q=bq,
+        block_k=bk,
+    )
+    check_against_dense(q, k, v, spec, scale=0.3)

@@ -3,20 +3,24 @@
 The same algorithm as the Pallas kernels, written with ``lax`` loops so that XLA compiles it on
 every backend; it is the default on CPU and the fallback everywhere.
 
-* Memory is ``O(T)``: scores exist one ``[block_q, block_k]`` tile at a time.
-* The mask acts through its block map, turned into a static *schedule*: for each query block, the
-  key blocks it visits. ``EMPTY`` tiles are never visited (causal costs half of full attention, a
-  sliding window ``O(T * w)``), ``FULL`` tiles run without mask arithmetic, and only ``PARTIAL``
-  tiles evaluate the mask function on index tiles. Masks that read data (segment ids, lengths, a
-  traced boolean array) are PARTIAL wherever their structure allows; such a tile is skipped at run
-  time when its data hides it entirely (packed documents, padding).
+* Memory is ``O(T)``: scores exist one ``[block_q, block_k]`` tile at a time, dropout bits are
+  regenerated per tile from a counter-based hash (``pallas_kernels.dropout``), never stored.
+* The mask arrives resolved as one :class:`~pallas_kernels.mask_info.MaskSpec`. Its block map
+  becomes a *schedule*: for each query block, the key blocks it visits. ``EMPTY`` tiles are never
+  visited (causal costs half of full attention, a sliding window ``O(T * w)``), ``FULL`` tiles run
+  without mask arithmetic, and only ``PARTIAL`` tiles evaluate the mask function (and the spec's
+  boolean array) on index tiles. A numpy block map (known at trace time) gives a static schedule;
+  a JAX array (traced per-sequence decode offsets, a ring step's map) a schedule computed at run
+  time. Masks that read data (segment ids, lengths) skip, at run time, partial tiles their data
+  hides entirely (packed documents, padding).
 * Online softmax with float32 statistics and deferred normalisation; the logsumexp is saved for a
   ``jax.custom_vjp`` whose backward recomputes each visible tile once (``blockwise_bwd``).
 * GQA/MQA natively (a key/value tile is loaded once for the ``G`` query heads that share it),
   ``Hv != H``, ``T != S``, lengths that are not multiples of the blocks (padded and masked
-  internally), softcap, additive bias and score mods with their gradients, boolean array masks.
+  internally), per-sequence positions, softcap, additive bias, the spec's score mod (with
+  gradients for its per-head parameters), attention-weight dropout.
 
-Besides ``attention`` (the entry point of ``dot_product_attention``), the module provides the
+Besides ``attention`` (the backend entry of ``dot_product_attention``), the module provides the
 per-block step of ring attention, ``fwd`` and ``bwd`` (see ``pallas_kernels.ring_attention``),
 where the block map is a run-time array.
 
@@ -24,8 +28,9 @@ where the block map is a run-time array.
 >>> import attention_jax as aj
 >>> q = jax.random.normal(jax.random.key(0), (1, 300, 4, 32))    # [B, T, N, H]
 >>> kv = jax.random.normal(jax.random.key(1), (1, 300, 2, 32))   # [B, S, K, H]
->>> out = aj.dot_product_attention(q, kv, kv, mask=aj.masks.causal(), implementation="blockwise")
->>> ref = aj.dot_product_attention(q, kv, kv, mask=aj.masks.causal(), implementation="reference")
+>>> spec = aj.masks.causal().spec(300, 300, *default_block_sizes(300, 300))
+>>> out, lse = attention(q, kv, kv, spec, scale=32**-0.5)
+>>> ref = jax.nn.dot_product_attention(q, kv, kv, is_causal=True)
 >>> bool(jnp.allclose(out, ref, atol=1e-5))
 True
 """
@@ -40,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from attention_jax import masks as masks_lib
 from attention_jax.functional import _checks
 from attention_jax.functional.blockwise_bwd import Wanted, backward
 from attention_jax.functional.blockwise_tiles import (
@@ -52,7 +56,7 @@ from attention_jax.functional.blockwise_tiles import (
     static_schedule,
 )
 from pallas_kernels import mask_info
-from pallas_kernels.mask_info import FULL, PARTIAL, MaskSpec
+from pallas_kernels.mask_info import MaskSpec
 
 __all__ = ["attention", "fwd", "bwd", "default_block_sizes", "schedule_for"]
 
@@ -93,124 +97,122 @@ def attention(
     query: Array,
     key: Array,
     value: Array,
+    spec: MaskSpec,
     *,
-    shape: _checks.AttentionShape,
     scale: float | Array,
-    mask: masks_lib.Mask | Array | None = None,
-    bias: Array | None = None,
-    score_mod: Any = None,
     softcap: float | None = None,
-    q_offset: int | Array = 0,
-    kv_offset: int | Array = 0,
-    block_q: int | None = None,
-    block_k: int | None = None,
+    bias: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seed: Array | None = None,
 ) -> tuple[Array, Array]:
     """Blockwise attention: ``(out [B, T, N, Hv] in query.dtype, lse [B, N, T] float32)``.
 
-    Arguments as in ``dot_product_attention`` (validated there); ``block_q``/``block_k`` override
-    the tile sizes of :func:`default_block_sizes`. Differentiable in ``query``, ``key``,
-    ``value``, ``bias``, the score mod's float leaves and an array ``scale``.
-    """
-    t, s = shape.q_len, shape.kv_len
-    dq_block, dk_block = default_block_sizes(t, s)
-    bq = _check_block("block_q", block_q, dq_block)
-    bk = _check_block("block_k", block_k, dk_block)
-    nq, nk = mask_info.num_blocks(t, bq), mask_info.num_blocks(s, bk)
-    tp, sp = nq * bq, nk * bk
+    Args:
+      query, key, value: ``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, Hv]`` (validated by the
+        dispatcher; T, S > 0).
+      spec: the resolved mask and score mod; its tiles ``(block_q, block_k)`` are the tiles run.
+      scale: a number or a float scalar array (differentiable).
+      softcap: ``c`` of ``c * tanh(s / c)`` applied after the score mod, before the mask.
+      bias: additive float bias broadcastable to ``[B, N, T, S]`` (differentiable).
+      dropout_rate: static probability of dropping an attention weight.
+      dropout_seed: int32 scalar seed of the dropout hash (required when ``dropout_rate > 0``).
 
-    block_map, mask_fn, q_vals, kv_vals, mask_array = _resolve_mask(mask, shape, bq, bk, q_offset, kv_offset)
-    runtime_skip = bool(q_vals or kv_vals) or (mask_array is not None and not _is_concrete(mask_array))
+    Differentiable in ``query``, ``key``, ``value``, ``bias``, ``spec.score_params`` and an array
+    ``scale``. The logsumexp ignores dropout (dropout acts on the normalised weights).
+    """
+    shape = _checks.check_qkv(query, key, value)
+    dropout_rate = _check_dropout(dropout_rate, dropout_seed)
+    cfg, x, sched = _prepare(query, key, value, spec, shape, scale, softcap, bias, dropout_rate, dropout_seed)
+    diff = (x.q, x.k, x.v, x.bias, x.params, x.scale)
+    aux = (x.q_pos, x.kv_pos, x.q_vals, x.kv_vals, x.mask, x.seed, sched)
+    out, lse = _attend(cfg, diff, aux)
+    return out[:, : shape.q_len], lse[..., : shape.q_len]
+
+
+def schedule_for(spec: MaskSpec) -> Schedule:
+    """The schedule ``attention`` runs for ``spec`` (static for a numpy block map; for tests and benchmarks)."""
+    return _schedule(spec.block_map, ragged_kv=int(spec.kv_positions.shape[-1]) % spec.block_k != 0)
+
+
+def _check_dropout(rate: Any, seed: Any) -> float:
+    try:
+        rate = float(rate)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"dropout_rate must be a static number in [0, 1), got {rate=!r}.") from None
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got dropout_rate={rate}.")
+    if rate > 0.0 and seed is None:
+        raise ValueError("dropout_seed must be an int32 scalar when dropout_rate > 0, got dropout_seed=None.")
+    return rate
+
+
+def _schedule(block_map, ragged_kv: bool = False) -> Schedule:
+    """Static schedule for a block map known at trace time, else one computed at run time.
+
+    With ``ragged_kv`` (S not a multiple of block_k) the last key block holds padding columns, so
+    it is never run as FULL whatever the map says.
+    """
+    xp = jnp if isinstance(block_map, jax.core.Tracer) else np
+    block_map = xp.asarray(block_map, xp.int32)
+    if ragged_kv:
+        last = xp.minimum(block_map[..., -1:], mask_info.PARTIAL)
+        block_map = xp.concatenate([block_map[..., :-1], last], axis=-1)
+    return runtime_schedule(block_map) if xp is jnp else static_schedule(block_map)
+
+
+def _prepare(query, key, value, spec: MaskSpec, shape, scale, softcap, bias, dropout_rate=0.0, dropout_seed=None):
+    """``(Config, Operands, Schedule)`` of a call: operands padded to whole tiles, keys and values transposed."""
+    t, s, b = shape.q_len, shape.kv_len, shape.batch
+    bq, bk = spec.block_q, spec.block_k
+    for name, value_ in (("spec.block_q", bq), ("spec.block_k", bk)):
+        if isinstance(value_, bool) or not isinstance(value_, (int, np.integer)) or value_ <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value_!r}.")
+    nq, nk = mask_info.num_blocks(t, bq), mask_info.num_blocks(s, bk)
+    map_shape = tuple(jnp.shape(spec.block_map))
+    if (
+        map_shape[-2:] != (nq, nk)
+        or len(map_shape) not in (2, 3)
+        or (len(map_shape) == 3 and map_shape[0] not in (1, b))
+    ):
+        raise ValueError(
+            f"spec.block_map must have shape [nq, nk] or [B, nq, nk] with nq=ceil(T / block_q)={nq}, "
+            f"nk=ceil(S / block_k)={nk} for {t=}, {s=}, block_q={bq}, block_k={bk}; got {map_shape}."
+        )
+    tp, sp = nq * bq, nk * bk
+    mask_array = spec.array
     if mask_array is not None:
-        mask_array = _pad_broadcast(mask_array, tp, sp, False)
-    mod_leaves, mod_treedef = jax.tree.flatten(score_mod)
-    mod_diff = tuple(bool(jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)) for leaf in mod_leaves)
+        mask_array = _pad_broadcast(jnp.asarray(mask_array, bool), tp, sp, False)
+    params = tuple(jnp.asarray(p) for p in spec.score_params)
+    for n, p in enumerate(params):
+        if p.shape != (shape.num_heads,):
+            raise ValueError(f"spec.score_params[{n}] must have shape [N]=[{shape.num_heads}], got {p.shape}.")
     cfg = Config(
         block_q=bq,
         block_k=bk,
         q_len=t,
         kv_len=s,
-        softcap=softcap,
-        mask_fn=mask_fn,
-        runtime_skip=runtime_skip,
+        softcap=_checks.check_softcap(softcap),
+        mask_fn=spec.fn,
+        score_fn=spec.score_fn,
+        runtime_skip=bool(spec.q_vals or spec.kv_vals),
         compute_dtype=_compute_dtype(query.dtype),
-        mod_treedef=None if score_mod is None else mod_treedef,
-        mod_diff=mod_diff,
+        dropout_rate=dropout_rate,
     )
-    diff = (
-        _pad_axis(query, 1, tp),
-        _pad_axis(key, 1, sp),
-        _pad_axis(value, 1, sp),
-        None if bias is None else _pad_broadcast(bias, tp, sp, 0),
-        tuple(leaf for leaf, d in zip(mod_leaves, mod_diff) if d),
-        jnp.asarray(scale, jnp.float32),
+    x = Operands(
+        q=_pad_axis(query, 1, tp),
+        k=_pad_axis(key, 1, sp).transpose(0, 2, 1, 3),  # [B, K, Sp, H]: a key tile is one contiguous slice
+        v=_pad_axis(value, 1, sp).transpose(0, 2, 1, 3),
+        bias=None if bias is None else _pad_broadcast(bias, tp, sp, 0),
+        params=params,
+        scale=jnp.asarray(scale, jnp.float32),
+        q_pos=_pad_positions(spec.q_positions, tp),
+        kv_pos=_pad_positions(spec.kv_positions, sp),
+        q_vals=tuple(_pad_axis(jnp.asarray(a), 1, tp) for a in spec.q_vals),
+        kv_vals=tuple(_pad_axis(jnp.asarray(a), 1, sp) for a in spec.kv_vals),
+        mask=mask_array,
+        seed=None if dropout_rate == 0.0 else jnp.asarray(dropout_seed, jnp.int32),
     )
-    aux = (
-        tuple(leaf for leaf, d in zip(mod_leaves, mod_diff) if not d),
-        mask_info.contiguous_positions(tp, q_offset),
-        mask_info.contiguous_positions(sp, kv_offset),
-        tuple(_pad_axis(a, 1, tp) for a in q_vals),
-        tuple(_pad_axis(a, 1, sp) for a in kv_vals),
-        mask_array,
-        static_schedule(block_map),
-    )
-    out, lse = _attend(cfg, diff, aux)
-    return out[:, :t], lse[..., :t]
-
-
-def schedule_for(mask: masks_lib.Mask | None, q_len: int, kv_len: int, block_q: int, block_k: int) -> Schedule:
-    """The static schedule ``attention`` runs for ``mask`` (exposed for tests and benchmarks)."""
-    shape = _checks.AttentionShape(1, q_len, kv_len, 1, 1, 1, 1)
-    return static_schedule(_resolve_mask(mask, shape, block_q, block_k, 0, 0)[0])
-
-
-def _check_block(name: str, value: Any, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer or None, got {name}={value!r}.")
-    return int(value)
-
-
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _resolve_mask(mask, shape, bq, bk, q_offset, kv_offset):
-    """``(block_map [nq, nk] numpy, mask_fn, q_vals, kv_vals, mask_array)`` for any accepted mask."""
-    t, s = shape.q_len, shape.kv_len
-    nq = mask_info.num_blocks(t, bq)
-    complete = mask_info.kv_tiles_complete(s, bk, nq)  # the ragged last key block is never FULL
-    ragged = np.where(complete, FULL, PARTIAL).astype(np.int8)
-    if mask is None:
-        return ragged, None, (), (), None
-    if isinstance(mask, masks_lib.Mask):
-        try:
-            q_offset, kv_offset = int(q_offset), int(kv_offset)
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            raise ValueError("q_offset and kv_offset must be Python ints when mask is a Mask.") from None
-        try:
-            with jax.ensure_compile_time_eval():  # from_fn / random_blocks evaluate jnp on the host
-                block_map = mask.block_map(t, s, bq, bk, q_offset, kv_offset)
-        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            # A from_fn mask combined with traced data (segment ids under jit) has no static map:
-            # every tile is partial, and tiles its data hides are skipped at run time.
-            block_map = np.minimum(ragged, PARTIAL).astype(np.int8)
-        q_vals, kv_vals = mask.arrays(t, s)
-        for name, vals in (("q", q_vals), ("kv", kv_vals)):
-            for a in vals:
-                if a.shape[0] not in (1, shape.batch):
-                    raise ValueError(
-                        f"the mask's {name} arrays have batch size {a.shape[0]}, expected 1 or B={shape.batch}."
-                    )
-        return block_map, mask.fn(kv_offset + s), tuple(q_vals), tuple(kv_vals), None
-    if jnp.result_type(mask) != jnp.bool_:
-        raise ValueError(f"mask must be a Mask or a boolean array, got dtype {jnp.result_type(mask)}.")
-    _checks.check_broadcastable("mask", mask, shape)
-    mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + tuple(jnp.shape(mask)))
-    if not _is_concrete(mask):
-        return np.minimum(ragged, PARTIAL).astype(np.int8), None, (), (), mask
-    dense = np.broadcast_to(np.asarray(mask), mask.shape[:2] + (t, s))
-    return mask_info.shared_block_map(dense, bq, bk, axis=(0, 1)), None, (), (), mask
+    return cfg, x, _schedule(spec.block_map, ragged_kv=s % bk != 0)
 
 
 def _pad_axis(x: Array, axis: int, length: int, value=0) -> Array:
@@ -232,44 +234,43 @@ def _pad_broadcast(x: Array, tp: int, sp: int, value) -> Array:
     return x
 
 
-def _operands(cfg: Config, diff, aux) -> tuple[Operands, Schedule]:
-    q, k, v, bias, mod_diff_leaves, scale = diff
-    mod_rest, q_pos, kv_pos, q_vals, kv_vals, mask_array, sched = aux
-    diff_it, rest_it = iter(mod_diff_leaves), iter(mod_rest)
-    leaves = tuple(next(diff_it) if d else next(rest_it) for d in cfg.mod_diff)
-    x = Operands(q, k, v, bias, leaves, scale, q_pos, kv_pos, tuple(q_vals), tuple(kv_vals), mask_array)
-    return x, sched
+def _pad_positions(positions: Array, length: int) -> Array:
+    """Positions ``[L]`` or ``[B, L]`` as int32 padded to ``length`` (padding is masked by index)."""
+    positions = jnp.asarray(positions, jnp.int32)
+    return _pad_axis(positions, positions.ndim - 1, length)
+
+
+def _operands(diff, aux) -> tuple[Operands, Schedule]:
+    q, k, v, bias, params, scale = diff
+    q_pos, kv_pos, q_vals, kv_vals, mask, seed, sched = aux
+    return Operands(
+        q, k, v, bias, tuple(params), scale, q_pos, kv_pos, tuple(q_vals), tuple(kv_vals), mask, seed
+    ), sched
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attend(cfg: Config, diff, aux):
-    x, sched = _operands(cfg, diff, aux)
+    x, sched = _operands(diff, aux)
     return forward(cfg, x, sched, x.q.dtype)
 
 
 def _attend_fwd(cfg: Config, diff, aux):
     perturbed = jax.tree.map(lambda p: p.perturbed, diff)
     diff, aux = jax.tree.map(lambda p: p.value, (diff, aux))
-    x, sched = _operands(cfg, diff, aux)
+    x, sched = _operands(diff, aux)
     out, lse = forward(cfg, x, sched, x.q.dtype)
     wanted = Wanted(
-        bias=diff[3] is not None and any(jax.tree.leaves(perturbed[3])),
+        bias=x.bias is not None and any(jax.tree.leaves(perturbed[3])),
         scale=bool(perturbed[5]),
-        mod=tuple(_mod_wanted(cfg, perturbed[4])),
+        params=any(jax.tree.leaves(perturbed[4])),
     )
     return (out, lse), (diff, aux, out, lse, wanted)
-
-
-def _mod_wanted(cfg: Config, perturbed_diff_leaves):
-    it = iter(perturbed_diff_leaves)
-    for d in cfg.mod_diff:
-        yield bool(next(it)) if d else False
 
 
 def _attend_bwd(cfg: Config, residuals, cotangents):
     diff, aux, out, lse, wanted = residuals
     dout, dlse = cotangents
-    x, sched = _operands(cfg, diff, aux)
+    x, sched = _operands(diff, aux)
     if isinstance(dout, SymbolicZero):
         dout = jnp.zeros_like(out)
     if isinstance(dlse, SymbolicZero):  # the usual case: delta = rowsum(out * dout), per query block
@@ -280,15 +281,12 @@ def _attend_bwd(cfg: Config, residuals, cotangents):
         )
         delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
         g = backward(cfg, x, sched, lse, delta, dout, wanted)
-    q, k, v, bias, mod_diff_leaves, scale = diff
-    dbias = None if g.dbias is None else g.dbias.astype(bias.dtype)
-    dmod = tuple(
-        None if d is None else d.astype(leaf.dtype)
-        for d, leaf, is_diff in zip(g.dmod, x.mod_leaves, cfg.mod_diff)
-        if is_diff
-    )
-    dscale = None if g.dscale is None else g.dscale.astype(scale.dtype)
-    d_diff = (g.dq.astype(q.dtype), g.dk.astype(k.dtype), g.dv.astype(v.dtype), dbias, dmod, dscale)
+    dbias = None if g.dbias is None else g.dbias.astype(x.bias.dtype)
+    dparams = None if g.dparams is None else tuple(d.astype(p.dtype) for d, p in zip(g.dparams, x.params))
+    dscale = None if g.dscale is None else g.dscale.astype(x.scale.dtype)
+    # k and v travel transposed ([B, K, Sp, H]); the gradients come back as [B, Sp, K, H].
+    dk, dv = g.dk.transpose(0, 2, 1, 3), g.dv.transpose(0, 2, 1, 3)
+    d_diff = (g.dq.astype(x.q.dtype), dk.astype(x.k.dtype), dv.astype(x.v.dtype), dbias, dparams, dscale)
     return d_diff, None
 
 
@@ -304,12 +302,13 @@ def fwd(q: Array, k: Array, v: Array, spec: MaskSpec, *, scale: float | None = N
     """One ring step: ``(out [B, T, N, Hv] float32 normalised by its own lse, lse [B, N, T] float32)``.
 
     ``spec.block_map`` may be a run-time array: empty tiles are skipped through a schedule
-    computed at run time (visible key blocks sorted first, a loop over their count).
+    computed at run time (visible key blocks sorted first, a loop over their count). Positions may
+    be per sequence (``[B, T]``, ``[B, S]``).
     """
-    t = q.shape[1]
-    cfg, x, sched = _step_operands(q, k, v, spec, scale, softcap)
+    shape = _checks.check_qkv(q, k, v)
+    cfg, x, sched = _prepare(q, k, v, spec, shape, _checks.check_scale(scale, shape.head_dim), softcap, None)
     out, lse = forward(cfg, x, sched, jnp.float32)
-    return out[:, :t], lse[..., :t]
+    return out[:, : shape.q_len], lse[..., : shape.q_len]
 
 
 def bwd(
@@ -325,53 +324,11 @@ def bwd(
     softcap: float | None = None,
 ):
     """One ring step's gradient contributions ``(dq, dk, dv)`` (float32) given the global ``lse`` and ``delta``."""
-    t, s = q.shape[1], k.shape[1]
-    cfg, x, sched = _step_operands(q, k, v, spec, scale, softcap)
+    shape = _checks.check_qkv(q, k, v)
+    t, s = shape.q_len, shape.kv_len
+    cfg, x, sched = _prepare(q, k, v, spec, shape, _checks.check_scale(scale, shape.head_dim), softcap, None)
     tp = x.q.shape[1]
     lse = _pad_axis(jnp.asarray(lse, jnp.float32), 2, tp, -jnp.inf)
     delta = _pad_axis(jnp.asarray(delta, jnp.float32), 2, tp)
     g = backward(cfg, x, sched, lse, delta, _pad_axis(dout, 1, tp))
     return g.dq[:, :t], g.dk[:, :s], g.dv[:, :s]
-
-
-def _step_operands(q, k, v, spec: MaskSpec, scale, softcap):
-    shape = _checks.check_qkv(q, k, v)
-    t, s = shape.q_len, shape.kv_len
-    bq, bk = spec.block_q, spec.block_k
-    nq, nk = mask_info.num_blocks(t, bq), mask_info.num_blocks(s, bk)
-    if tuple(spec.block_map.shape) != (nq, nk):
-        raise ValueError(
-            f"spec.block_map must have shape [ceil(T / block_q), ceil(S / block_k)]={[nq, nk]} for {t=}, {s=}, "
-            f"block_q={bq}, block_k={bk}; got {tuple(spec.block_map.shape)}."
-        )
-    tp, sp = nq * bq, nk * bk
-    scale = _checks.check_scale(scale, shape.head_dim)
-    cfg = Config(
-        block_q=bq,
-        block_k=bk,
-        q_len=t,
-        kv_len=s,
-        softcap=_checks.check_softcap(softcap),
-        mask_fn=spec.fn,
-        runtime_skip=bool(spec.q_vals or spec.kv_vals),
-        compute_dtype=_compute_dtype(q.dtype),
-    )
-    x = Operands(
-        q=_pad_axis(q, 1, tp),
-        k=_pad_axis(k, 1, sp),
-        v=_pad_axis(v, 1, sp),
-        bias=None,
-        mod_leaves=(),
-        scale=jnp.asarray(scale, jnp.float32),
-        q_pos=_pad_positions(spec.q_positions, tp),
-        kv_pos=_pad_positions(spec.kv_positions, sp),
-        q_vals=tuple(_pad_axis(jnp.asarray(a), 1, tp) for a in spec.q_vals),
-        kv_vals=tuple(_pad_axis(jnp.asarray(a), 1, sp) for a in spec.kv_vals),
-        mask=None,
-    )
-    return cfg, x, runtime_schedule(spec.block_map)
-
-
-def _pad_positions(positions: Array, length: int) -> Array:
-    positions = jnp.asarray(positions, jnp.int32)
-    return _pad_axis(positions, 0, length) if positions.shape[0] < length else positions

@@ -1,14 +1,16 @@
 """Backward pass of the blockwise path: one sweep over the visible tiles, query block by query block.
 
 For each tile the probabilities are recomputed from the saved logsumexp, ``p = exp(s - lse)``, and
-with ``delta = rowsum(out * dout)`` precomputed,
+with ``delta = rowsum(out * dout)`` (``out`` after dropout) precomputed per query block,
 
-    dp = dout . v^T,   ds = p * (dp - delta),
-    dq += ds . k,      dk += ds^T . q,      dv += p^T . dout,
+    dp = dout . v^T,   ds = p * (dp * keep / (1 - rate) - delta),
+    dq += ds . k,      dk += ds^T . q,      dv += (p * keep / (1 - rate))^T . dout,
 
-where ``ds`` is first pulled back through the softcap, the score mod and the bias (which yields
-their gradients too). dq accumulates for the current query block; dk and dv accumulate in place
-in float32 ``[B, Sp, K, H]`` buffers, the ``G`` query heads of a group summing into their shared
+where ``keep`` is the dropout mask regenerated from its hash (all ones without dropout) and ``ds``
+is first pulled back through the softcap, the score mod and the bias (which yields their
+gradients too). dq accumulates for the current query block; dk and dv accumulate in place in
+float32 buffers ``[B, K, H, Sp]`` (transposed, so that each tile's contribution is a plain matmul
+written without a transpose), the ``G`` query heads of a group summing into their shared
 key/value head. Each tile's scores are computed once (no second sweep for dk/dv).
 """
 
@@ -24,20 +26,22 @@ from attention_jax.functional.blockwise_tiles import (
     Config,
     Operands,
     Schedule,
-    apply_mask,
     as_groups,
+    as_heads,
     bias_tile,
+    dropout_keep,
+    dropout_rows,
     einsum,
     kv_tile,
     modify_scores,
     q_tile,
     q_untile,
     row_stat_tile,
-    run_tile,
+    scan_tiles,
     tile_indices,
     tile_scores,
+    visible_columns,
 )
-from pallas_kernels.mask_info import PARTIAL
 
 Array = jax.Array
 
@@ -47,7 +51,7 @@ class Wanted(NamedTuple):
 
     bias: bool = False
     scale: bool = False
-    mod: tuple[bool, ...] = ()  # per score-mod leaf
+    params: bool = False  # the score_fn parameters
 
 
 class Grads(NamedTuple):
@@ -55,7 +59,7 @@ class Grads(NamedTuple):
     dk: Array  # [B, Sp, K, H] float32
     dv: Array  # [B, Sp, K, Hv] float32
     dbias: Array | None  # like x.bias, float32
-    dmod: tuple  # per score-mod leaf: float32 cotangent or None
+    dparams: tuple | None  # like x.params, float32
     dscale: Array | None  # float32 scalar
 
 
@@ -77,15 +81,13 @@ def backward(
     no full-size temporary).
     """
     wanted = wanted or Wanted()
-    tp = x.q.shape[1]
-    kv_heads = x.k.shape[2]
+    b, tp, n, h = x.q.shape
+    kv_heads, sp, hv = x.k.shape[1], x.k.shape[2], x.v.shape[-1]
     bq = cfg.block_q
     acc_dtype = jnp.promote_types(x.q.dtype, jnp.float32)
-    wanted_mod = tuple(wanted.mod) or (False,) * len(x.mod_leaves)
-    diff_pos = tuple(p for p, w in enumerate(wanted_mod) if w)
 
     def query_block(i, carry):
-        dq, dk, dv, dbias, dmod, dscale = carry
+        dq, dk, dv, dbias, dparams, dscale = carry
         qt = (q_tile(x.q, i, bq, kv_heads).astype(acc_dtype) * x.scale).astype(cfg.compute_dtype)
         dot = q_tile(dout, i, bq, kv_heads).astype(cfg.compute_dtype)  # [B, K, R, Hv]
         # dk/dv contract over the rows R: with q and dout transposed once per query block, each
@@ -99,75 +101,80 @@ def backward(
             delta_t = jnp.sum(o_t * dot.astype(jnp.float32), axis=-1)  # [B, K, R]
         else:
             delta_t = row_stat_tile(delta, i, bq, kv_heads)
+        rows = dropout_rows(cfg, x, i, kv_heads)
 
-        def body(jj, c):
-            j, partial = sched.idx[i, jj], sched.kind[i, jj] == PARTIAL
-            update = lambda visible: _tile_grads(
-                cfg, x, i, j, c, (qt, qt_t, dot, dot_t), lse_t, delta_t, partial, visible, diff_pos, wanted
-            )
-            return run_tile(cfg, x, i, j, partial, c, update)
+        def update(j, visible, c):
+            return _tile_grads(cfg, x, i, j, c, (qt, qt_t, dot, dot_t), lse_t, delta_t, rows, visible, wanted)
 
-        dq_t = jnp.zeros_like(qt, acc_dtype)
-        c = (dq_t, dk, dv, dbias, dmod, dscale)
-        dq_t, dk, dv, dbias, dmod, dscale = lax.fori_loop(0, sched.count[i], body, c)
+        c = (jnp.zeros_like(qt, acc_dtype), dk, dv, dbias, dparams, dscale)
+        dq_t, dk, dv, dbias, dparams, dscale = scan_tiles(cfg, x, sched, i, c, update)
         dq = lax.dynamic_update_slice_in_dim(dq, q_untile(dq_t * x.scale, bq).astype(dq.dtype), i * bq, axis=1)
-        return dq, dk, dv, dbias, dmod, dscale
+        return dq, dk, dv, dbias, dparams, dscale
 
-    zeros = lambda a: jnp.zeros_like(a, acc_dtype)
+    zeros = lambda a, shape=None: jnp.zeros_like(a, acc_dtype, shape=shape)
     dbias = zeros(x.bias) if wanted.bias and x.bias is not None else None
-    dmod = tuple(zeros(x.mod_leaves[p]) for p in diff_pos)
+    dparams = tuple(zeros(p) for p in x.params) if wanted.params else None
     dscale = jnp.zeros_like(x.scale, jnp.float32) if wanted.scale else None
-    carry = (zeros(x.q), zeros(x.k), zeros(x.v), dbias, dmod, dscale)
-    dq, dk, dv, dbias, dmod, dscale = lax.fori_loop(0, tp // bq, query_block, carry)
-    full_dmod = [None] * len(x.mod_leaves)
-    for p, d in zip(diff_pos, dmod):
-        full_dmod[p] = d
-    return Grads(dq, dk, dv, dbias, tuple(full_dmod), dscale)
+    carry = (zeros(x.q), zeros(x.k, (b, kv_heads, h, sp)), zeros(x.v, (b, kv_heads, hv, sp)), dbias, dparams, dscale)
+    dq, dk_t, dv_t, dbias, dparams, dscale = lax.fori_loop(0, tp // bq, query_block, carry)
+    dk, dv = dk_t.transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2)  # [B, Sp, K, H]
+    return Grads(dq, dk, dv, dbias, dparams, dscale)
 
 
-def _tile_grads(cfg: Config, x: Operands, i, j, carry, rows, lse_t, delta_t, partial, visible, diff_pos, wanted):
+def _tile_grads(cfg: Config, x: Operands, i, j, carry, qrows, lse_t, delta_t, rows, visible, wanted: Wanted):
     """Gradient contributions of tile ``(i, j)``, added into the carry."""
-    dq_t, dk, dv, dbias, dmod, dscale = carry
-    qt, qt_t, dot, dot_t = rows
-    kv_heads = x.k.shape[2]
+    dq_t, dk, dv, dbias, dparams, dscale = carry
+    qt, qt_t, dot, dot_t = qrows
+    kv_heads, n = x.k.shape[1], x.q.shape[2]
     bq, bk = cfg.block_q, cfg.block_k
     kt, vt = kv_tile(x.k, j, bk), kv_tile(x.v, j, bk)  # [B, K, bk, H], [B, K, bk, Hv]
-    raw = tile_scores(cfg, qt, kt)  # [B, N, bq, bk] float32, scale included
-    b_tile = bias_tile(x, i, j, cfg)
-    b_tile = None if b_tile is None else b_tile.astype(raw.dtype)
-    indices = tile_indices(x, i, j, bq, bk)
+    if visible is not None:  # unseen key/value rows may hold NaN (uninitialised cache slots): 0 * NaN in dq, dp
+        seen = visible_columns(visible, kv_heads)
+        kt, vt = jnp.where(seen, kt, jnp.zeros((), kt.dtype)), jnp.where(seen, vt, jnp.zeros((), vt.dtype))
+    raw = tile_scores(cfg, qt, kt)  # [B, K, R, bk] float32, scale included
 
-    def chain(s, bias_t, diff_leaves):
-        leaves = list(x.mod_leaves)
-        for p, leaf in zip(diff_pos, diff_leaves):
-            leaves[p] = leaf
-        return modify_scores(cfg, s, bias_t, tuple(leaves), indices)
-
-    diff_leaves = tuple(x.mod_leaves[p] for p in diff_pos)
-    s, pullback = jax.vjp(chain, raw, b_tile, diff_leaves)
-    s = as_groups(apply_mask(cfg, x, i, j, s, partial, visible), kv_heads)  # [B, K, R, bk]
-    p = jnp.exp(s - lse_t[..., None])
+    modified = x.bias is not None or cfg.modifies_scores
+    if modified:
+        b_tile = bias_tile(x, i, j, cfg)
+        b_tile = None if b_tile is None else b_tile.astype(raw.dtype)
+        indices = tile_indices(x, i, j, bq, bk)
+        chain = lambda s, bias_t, params: modify_scores(cfg, s, bias_t, params, indices)
+        s, pullback = jax.vjp(chain, as_heads(raw, n), b_tile, x.params)
+    else:
+        s = as_heads(raw, n)
+    if visible is not None:
+        s = jnp.where(visible, s, -jnp.inf)
+    p = jnp.exp(as_groups(s, kv_heads) - lse_t[..., None])  # [B, K, R, bk]
     dp = einsum("BKRH,BKSH->BKRS", dot, vt, cfg.compute_dtype)
+    p_drop = p
+    if rows is not None:
+        keep = dropout_keep(cfg, x, rows, j)
+        inv = 1.0 / (1.0 - cfg.dropout_rate)
+        dp = jnp.where(keep, dp * inv, 0.0)
+        p_drop = jnp.where(keep, p * inv, 0.0)
     ds = p * (dp - delta_t[..., None])
-    ds_raw, d_bias, d_leaves = pullback(ds.reshape(raw.shape))
-    ds_raw = as_groups(ds_raw, kv_heads)
+    if modified:
+        ds_raw, d_bias, d_params = pullback(as_heads(ds, n))
+        ds_raw = as_groups(ds_raw, kv_heads)
+    else:
+        ds_raw, d_bias, d_params = ds, None, None
 
     dq_t = dq_t + einsum("BKRS,BKSH->BKRH", ds_raw, kt, cfg.compute_dtype)
     dk = _add_kv(dk, j, bk, einsum("BKHR,BKRS->BKHS", qt_t, ds_raw, cfg.compute_dtype))
-    dv = _add_kv(dv, j, bk, einsum("BKHR,BKRS->BKHS", dot_t, p, cfg.compute_dtype))
+    dv = _add_kv(dv, j, bk, einsum("BKHR,BKRS->BKHS", dot_t, p_drop, cfg.compute_dtype))
     if dbias is not None:
         dbias = _add_broadcast_tile(dbias, i, j, bq, bk, d_bias)
-    dmod = tuple(acc + d.astype(acc.dtype) for acc, d in zip(dmod, d_leaves))
+    if dparams is not None:
+        dparams = tuple(acc + d.astype(acc.dtype) for acc, d in zip(dparams, d_params))
     if dscale is not None:
-        dscale = dscale + jnp.sum(ds_raw * as_groups(raw, kv_heads)) / x.scale
-    return dq_t, dk, dv, dbias, dmod, dscale
+        dscale = dscale + jnp.sum(ds_raw * raw) / x.scale
+    return dq_t, dk, dv, dbias, dparams, dscale
 
 
 def _add_kv(acc: Array, j, block: int, tile_t: Array) -> Array:
-    """``acc [B, Sp, K, H]`` += the transposed tile ``tile_t [B, K, H, bk]`` at key block ``j`` (in place)."""
-    tile = tile_t.transpose(0, 3, 1, 2).astype(acc.dtype)
-    current = lax.dynamic_slice_in_dim(acc, j * block, block, axis=1)
-    return lax.dynamic_update_slice_in_dim(acc, current + tile, j * block, axis=1)
+    """``acc [B, K, H, Sp]`` += the tile ``tile_t [B, K, H, bk]`` at key block ``j`` (in place)."""
+    current = lax.dynamic_slice_in_dim(acc, j * block, block, axis=3)
+    return lax.dynamic_update_slice_in_dim(acc, current + tile_t.astype(acc.dtype), j * block, axis=3)
 
 
 def _add_broadcast_tile(acc: Array, i, j, block_q: int, block_k: int, tile: Array) -> Array:
