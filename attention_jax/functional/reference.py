@@ -71,10 +71,15 @@ def masked_softmax(scores: Array, mask: Array | None) -> tuple[Array, Array]:
 
 
 def _probs(query, key, spec, scale, softcap, bias):
+    visible = spec.dense(query.shape[0])  # [B or 1, 1 or N, T, S] or None
+    if visible is not None:
+        # A key no query sees (an unwritten cache slot) must not reach the scores or their
+        # gradients: 0 * inf there would be NaN.
+        seen = jnp.any(visible, axis=(1, 2))[:, :, None, None]  # [B or 1, S, 1, 1]
+        key = jnp.where(seen, key, jnp.zeros((), key.dtype))
     scores = dense_scores(query, key, spec, scale=scale, bias=bias)
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
-    visible = spec.dense(query.shape[0])  # [B or 1, 1 or N, T, S] or None
     probs, lse = masked_softmax(scores, visible)
     return probs, lse, visible
 
