@@ -257,19 +257,18 @@ def _dq_kernel(
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         kv_pos = kvpos_ref[...] if tm.needs_positions else None  # [1, bk]
         mod = _score_mod(tm, b, head_ref, qpos_ref, kv_pos, param_refs)
-        s2, th, vjp = tm.logits(q, k, _read(bias_ref), mod, pullback="params" if param_refs else "score")
         mask = None
         if masked:
             j = visits.index(order_ref, counts_ref, b, i, t)
             kv_index = j * block_k + _iota((1, block_k), 1) if pad_kv else None
-            mask = _tile_mask(tm, qpos_ref, kvpos_ref, qv_refs, kvv_refs, kv_index, s2.shape, _read(array_ref))
+            shape = (q.shape[0], block_k)
+            mask = _tile_mask(tm, qpos_ref, kvpos_ref, qv_refs, kvv_refs, kv_index, shape, _read(array_ref))
             if mask is not None:  # keys no row of this tile sees: zero their K/V rows (NaN-safe products)
                 seen = tm.seen_keys(mask, kv_major=False)
                 k, v = jnp.where(seen, k, jnp.zeros_like(k)), jnp.where(seen, v, jnp.zeros_like(v))
+        s2, th, vjp = tm.logits(q, k, _read(bias_ref), mod, pullback="params" if param_refs else "score")
         keep = tm.keep(_read(seed_ref), kv_pos)
         _, ds, dparams = tm.probs_and_grads(s2, th, mask, lse_ref[...], tm.dot_nt(do, v), delta_ref[...], keep, vjp)
-        if mask is not None:
-            ds = jnp.where(mask, ds, 0.0)
         dq_scr[...] += tm.dot_nn(ds.astype(k.dtype), k)
         if dbias_ref is not None:
             dbias_ref[...] = ds.astype(dbias_ref.dtype)
@@ -358,18 +357,17 @@ def _dkv_kernel(
         bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32).T
         kv_pos = kvpos_ref[...] if tm.needs_positions else None  # [bk, 1]
         mod = _score_mod(tm, b, head_ref, qpos_ref, kv_pos, param_refs)
-        s2, th, vjp = tm.logits(k, q, bias, mod, pullback="score")  # [bk, bm]
         mask = None
         if masked:
             kv_index = j * block_k + _iota((block_k, 1), 0) if pad_kv else None
             array = None if array_ref is None else array_ref[...].astype(jnp.int32).T
-            mask = _tile_mask(tm, qpos_ref, kvpos_ref, qv_refs, kvv_refs, kv_index, s2.shape, array)
-            if mask is not None:  # keys no row of this tile sees: zero their V rows (NaN-safe V @ dO^T)
-                v = jnp.where(tm.seen_keys(mask, kv_major=True), v, jnp.zeros_like(v))
+            mask = _tile_mask(tm, qpos_ref, kvpos_ref, qv_refs, kvv_refs, kv_index, (block_k, q.shape[0]), array)
+            if mask is not None:  # keys no row of this tile sees: zero their K/V rows (NaN-safe products)
+                seen = tm.seen_keys(mask, kv_major=True)
+                k, v = jnp.where(seen, k, jnp.zeros_like(k)), jnp.where(seen, v, jnp.zeros_like(v))
+        s2, th, vjp = tm.logits(k, q, bias, mod, pullback="score")  # [bk, bm]
         keep = tm.keep(_read(seed_ref), kv_pos)
         pd, ds, _ = tm.probs_and_grads(s2, th, mask, lse_ref[...], tm.dot_nt(v, do), delta_ref[...], keep, vjp)
-        if mask is not None:
-            ds = jnp.where(mask, ds, 0.0)
         dv_scr[...] += tm.dot_nn(pd.astype(do.dtype), do)
         dk_scr[...] += tm.dot_nn(ds.astype(q.dtype), q)
 

@@ -188,6 +188,8 @@ class TileMath:
         ds = p * (dp - delta)
         if th is not None:
             ds = ds * (1.0 - th * th)
+        if mask is not None:  # exact zeros where masked (p = 0 there), whatever the masked scores held
+            ds = jnp.where(mask, ds, 0.0)
         dparams = None
         if vjp is not None:
             grads = vjp(ds)

@@ -198,21 +198,19 @@ def _dkv_kernel(
         q_pos = _row(qpos_ref[rows]) if masked or tm.needs_positions else None  # [1, bm]
         head = None if head_ref is None else _row(head_ref[rows])
         mod = tm.score_mod(batch, head, q_pos, kv_pos, tuple(_row(r[rows]) for r in param_refs))
-        s2, th, vjp = tm.logits(k, q, bias, mod, pullback="score")  # [bk, bm]
-        vv = v
+        kk, vv = k, v
         mask = None
         if masked:
             q_vals = tuple(_row(r[rows]) for r in qv_refs)
             array = None if array_ref is None else array_ref[rows, :].astype(jnp.int32).T
-            mask = tm.visible(q_pos, kv_pos, q_vals, kv_vals, kv_index, s2.shape, array)
+            mask = tm.visible(q_pos, kv_pos, q_vals, kv_vals, kv_index, (block_k, block_rows), array)
             if mask is not None:  # keys no row of this tile sees: zero K/V rows (NaN-safe products)
                 seen = tm.seen_keys(mask, kv_major=True)
-                vv = jnp.where(seen, v, jnp.zeros_like(v))
+                kk, vv = jnp.where(seen, k, jnp.zeros_like(k)), jnp.where(seen, v, jnp.zeros_like(v))
+        s2, th, vjp = tm.logits(kk, q, bias, mod, pullback="score")  # [bk, bm]
         keep = tm.keep(None if seed_ref is None else _row(seed_ref[rows]), kv_pos)
         dp = tm.dot_nt(vv, do)
         pd, ds, _ = tm.probs_and_grads(s2, th, mask, _row(lse_ref[rows]), dp, _row(delta_ref[rows]), keep, vjp)
-        if masked and mask is not None:
-            ds = jnp.where(mask, ds, 0.0)
         dv = dv + tm.dot_nn(pd.astype(do.dtype), do)
         dk = dk + tm.dot_nn(ds.astype(q.dtype), q)
         return dk, dv
@@ -298,16 +296,15 @@ def _dq_kernel(
         bias = None if bias_ref is None else bias_ref[:, cols]
         kv_pos = _row(kvpos_ref[cols]) if masked or tm.needs_positions else None  # [1, bk]
         mod = tm.score_mod(batch, head, q_pos, kv_pos, params)
-        s2, th, vjp = tm.logits(q, k, bias, mod, pullback="params" if params else "score")  # [bm, bk]
         mask = None
         if masked:
-            mask = _q_major_mask(tm, q_pos, q_vals, kv_pos, kvv_refs, array_ref, start, block_k, pad_kv, s2.shape)
+            shape = (q.shape[0], block_k)
+            mask = _q_major_mask(tm, q_pos, q_vals, kv_pos, kvv_refs, array_ref, start, block_k, pad_kv, shape)
             if mask is not None:  # keys no row of this tile sees: zero K/V rows (NaN-safe products)
                 seen = tm.seen_keys(mask, kv_major=False)
                 k, v = jnp.where(seen, k, jnp.zeros_like(k)), jnp.where(seen, v, jnp.zeros_like(v))
+        s2, th, vjp = tm.logits(q, k, bias, mod, pullback="params" if params else "score")  # [bm, bk]
         _, ds, dps = tm.probs_and_grads(s2, th, mask, lse2, tm.dot_nt(do, v), delta, tm.keep(seed, kv_pos), vjp)
-        if masked and mask is not None:
-            ds = jnp.where(mask, ds, 0.0)
         if dbias_ref is not None:
             dbias_ref[:, cols] = ds.astype(dbias_ref.dtype)
         if dps is not None:

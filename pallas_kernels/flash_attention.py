@@ -11,7 +11,12 @@ The mask reaches the kernels as a :class:`~pallas_kernels.mask_info.MaskSpec`: a
 map (EMPTY tiles are never loaded, FULL tiles run without mask arithmetic, PARTIAL tiles evaluate
 ``spec.fn`` on position tiles and per-position data), so causal, sliding-window, chunked, segment,
 padding and arbitrary ``from_fn`` masks all go through one mechanism. Lengths need not be multiples
-of the blocks: inputs are padded and the padding masked internally.
+of the blocks: inputs are padded and the padding masked internally. The spec may also carry
+per-sequence positions (decoding with per-sequence cache offsets), a boolean array read in PARTIAL
+tiles only, and a score mod ``score_fn`` with per-head ``score_params`` (ALiBi slopes, a T5 table)
+that the kernels apply to every computed tile and differentiate; ``dropout_rate`` regenerates the
+bits of ``pallas_kernels.dropout`` tile by tile in the forward and both backward kernels. Key/value
+rows that no row of a PARTIAL tile sees are zeroed, so NaNs behind the mask never reach the output.
 
 Three kernel bodies sit behind the entry point, each in a file named by its lowering: Triton-style
 programs that loop over their visit list inside the kernel (``_flash_triton``, forward and backward

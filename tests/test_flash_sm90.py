@@ -10,6 +10,7 @@ on the device machine).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 
@@ -20,6 +21,7 @@ import pytest
 from helpers import assert_close
 
 from attention_jax import masks
+from pallas_kernels import mask_info
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference, mask_block_shape
 
 fa = importlib.import_module("pallas_kernels.flash_attention")  # the module (the package exports the function)
@@ -86,7 +88,8 @@ def test_hopper_kernels_lower(case):
 
 
 def _choice(monkeypatch, *, hopper=True, shape=(1, 512, 4, 128), kv_shape=None, dtype=jnp.bfloat16, bias=None,
-            out_dtype=None, grad_dtype=None, requested=None, requested_bwd=None, interpret=False):  # fmt: skip
+            out_dtype=None, grad_dtype=None, requested=None, requested_bwd=None, interpret=False,
+            scope=None):  # fmt: skip
     """``(forward body, dK/dV body, block sizes)`` the dispatch picks for a call."""
     monkeypatch.setattr(fa, "_is_hopper", lambda: hopper)
     q = jax.ShapeDtypeStruct(shape, dtype)
@@ -95,7 +98,30 @@ def _choice(monkeypatch, *, hopper=True, shape=(1, 512, 4, 128), kv_shape=None, 
     return fa._gpu_kernels(
         q, kv, kv, bias=bias, forward_kernel=requested, backward_kernel=requested_bwd, backend="gpu",
         interpret=interpret, out_dtype=out_dtype, grad_dtype=grad_dtype, block_sizes=sizes,
+        scope_reason=None if scope is None else fa._hopper_scope_reason(*scope),
     )  # fmt: skip
+
+
+def _scope(kind: str):
+    """``(mask spec, dropout rate)`` with one thing the Hopper kernels do not implement."""
+    spec = mask_info.MaskSpec(None, jnp.ones((1, 1), jnp.int32), jnp.arange(512), jnp.arange(512), block_q=512,
+                              block_k=512)  # fmt: skip
+    if kind == "dropout":
+        return spec, 0.1
+    if kind == "score_mod":
+        return dataclasses.replace(spec, score_fn=lambda s, *_: s), 0.0
+    if kind == "array":
+        return dataclasses.replace(spec, array=jnp.ones((1, 1, 512, 512), bool)), 0.0
+    return dataclasses.replace(spec, q_positions=jnp.zeros((1, 512), jnp.int32)), 0.0
+
+
+@pytest.mark.parametrize("kind", ["dropout", "score_mod", "array", "per_sequence"])
+def test_spec_features_out_of_hopper_scope(monkeypatch, kind):
+    """Automatic dispatch falls back to Triton; asking for the Hopper kernels names the reason."""
+    assert _choice(monkeypatch, scope=_scope(kind))[:2] == ("triton", "triton")
+    reason = {"dropout": "dropout", "score_mod": "score mod", "array": "array mask", "per_sequence": "per-sequence"}
+    with pytest.raises(ValueError, match=f"forward_kernel='mosaic_gpu' cannot run this call: .*{reason[kind]}"):
+        _choice(monkeypatch, scope=_scope(kind), requested="mosaic_gpu")
 
 
 def test_auto_picks_mosaic_on_hopper_for_supported_calls(monkeypatch):
