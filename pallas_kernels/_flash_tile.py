@@ -124,16 +124,20 @@ class TileMath:
         return out
 
     @staticmethod
-    def seen_keys(mask, kv_major: bool):
+    def seen_keys(mask, kv_major: bool, reduce_first: bool = False):
         """``[keys, 1]`` flags: the keys of a PARTIAL tile that some row of the tile sees.
 
         Key/value rows no row sees are zeroed before the products, so that a NaN behind the mask
-        (an uninitialised cache slot) cannot reach ``0 * NaN``.
+        (an uninitialised cache slot) cannot reach ``0 * NaN``. A q-major tile is transposed first,
+        or with ``reduce_first`` reduced to ``[keys]`` and then made a column (cheaper in Triton,
+        where a vector changes layout more cheaply than a tile; Mosaic prefers the 2-D transpose).
         """
         ones = jnp.where(mask, 1.0, 0.0)
-        if not kv_major:
-            ones = ones.T
-        return jnp.max(ones, axis=1, keepdims=True) > 0.0
+        if kv_major:
+            return jnp.max(ones, axis=1, keepdims=True) > 0.0
+        if reduce_first:
+            return (jnp.max(ones, axis=0) > 0.0)[:, None]
+        return jnp.max(ones.T, axis=1, keepdims=True) > 0.0
 
     # -- forward -------------------------------------------------------------------------------
     def online_softmax(self, s2, mask, m_prev, denom_prev, acc_prev, v, keep=None):

@@ -130,7 +130,7 @@ def _fwd_kernel(
         if masked:
             mask = _q_major_mask(tm, q_pos, q_vals, kv_pos, kvv_refs, array_ref, start, block_k, pad_kv, s2.shape)
             if mask is not None:
-                v = jnp.where(tm.seen_keys(mask, kv_major=False), v, jnp.zeros_like(v))
+                v = jnp.where(tm.seen_keys(mask, kv_major=False, reduce_first=True), v, jnp.zeros_like(v))
         return tm.online_softmax(s2, mask, m, denom, acc, v, tm.keep(seed, kv_pos))
 
     num_full, num_partial = counts_ref[0], counts_ref[1]
@@ -301,7 +301,7 @@ def _dq_kernel(
             shape = (q.shape[0], block_k)
             mask = _q_major_mask(tm, q_pos, q_vals, kv_pos, kvv_refs, array_ref, start, block_k, pad_kv, shape)
             if mask is not None:  # keys no row of this tile sees: zero K/V rows (NaN-safe products)
-                seen = tm.seen_keys(mask, kv_major=False)
+                seen = tm.seen_keys(mask, kv_major=False, reduce_first=True)
                 k, v = jnp.where(seen, k, jnp.zeros_like(k)), jnp.where(seen, v, jnp.zeros_like(v))
         s2, th, vjp = tm.logits(q, k, bias, mod, pullback="params" if params else "score")  # [bm, bk]
         _, ds, dps = tm.probs_and_grads(s2, th, mask, lse2, tm.dot_nt(do, v), delta, tm.keep(seed, kv_pos), vjp)
