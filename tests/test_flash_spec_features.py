@@ -113,9 +113,9 @@ def _spec(case: Case) -> mask_info.MaskSpec:
         out = (kv_pos <= q_pos + offset) & (kv_pos < visible_keys)
         return out if window is None else out & (kv_pos > q_pos + offset - window)
 
-    q_pos = jnp.arange(t, dtype=jnp.int32)
-    if case.per_sequence:  # sequence 1 is 7 positions behind: it sees fewer keys (a decode batch)
-        q_pos = jnp.stack([q_pos, q_pos - 7])
+    q_pos, kv_pos = jnp.arange(t, dtype=jnp.int32), jnp.arange(s, dtype=jnp.int32)
+    if case.per_sequence:  # sequence 1: queries 7 positions behind, keys 2 ahead (sees fewer keys)
+        q_pos, kv_pos = jnp.stack([q_pos, q_pos - 7]), jnp.stack([kv_pos, kv_pos + 2])
     array = None
     if case.array is not None:
         shape = (B, n, t, s) if case.array == "head" else (1, 1, t, s)
@@ -123,7 +123,7 @@ def _spec(case: Case) -> mask_info.MaskSpec:
         array = array & (jnp.arange(s) < 30)  # whole key tiles hidden by the array: EMPTY for the kernels
     score_fn, params = score_mod(case.score, n)
     spec = mask_info.MaskSpec(
-        fn, jnp.zeros((1, 1), jnp.int32), q_pos, jnp.arange(s, dtype=jnp.int32), block_q=SPEC_BLOCK,
+        fn, jnp.zeros((1, 1), jnp.int32), q_pos, kv_pos, block_q=SPEC_BLOCK,
         block_k=SPEC_BLOCK, score_fn=score_fn, score_params=params, array=array,
     )  # fmt: skip
     dense = np.asarray(spec.dense(B))  # [Bm, Nm, T, S]
@@ -290,7 +290,7 @@ def test_block_steps_with_positions_score_mod_and_dropout():
 
     def half(lo, hi):  # a step's spec: its own keys; the tiles of its map are resampled from the full map
         block_map = spec.block_map[..., lo // SPEC_BLOCK : hi // SPEC_BLOCK]
-        kv_pos = spec.kv_positions[lo:hi]
+        kv_pos = spec.kv_positions[..., lo:hi]
         array = None if spec.array is None else spec.array[..., lo:hi]
         return dataclasses.replace(spec, block_map=block_map, kv_positions=kv_pos, array=array)
 
