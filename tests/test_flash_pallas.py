@@ -3,8 +3,8 @@
 Cases are a sampled product of masks x head layouts x lengths x block sizes x dtypes x extras
 (softcap, bias). The kernel class runs the GPU (Triton) body in Pallas' interpreter; the subclass
 re-runs a subset with the TPU (Mosaic) body in the TPU interpreter, which is much slower. Then:
-the visit plans (block-map resampling is exact or conservative, never wrong), the adapter behind
-``dot_product_attention(implementation="pallas")`` and the ring's block-level ``fwd``/``bwd``.
+the visit plans (block-map resampling is exact or conservative, never wrong), calls through
+``dot_product_attention(implementation="pallas")`` and the ring's block steps ``flash_forward``/``flash_backward``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from helpers import assert_close, random_qkv
 import attention_jax as aj
 from attention_jax import masks
 from pallas_kernels import _flash_plan, mask_info
-from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference, mask_block_shape
-
-try:  # the adapter's helpers (mask_spec, fwd, bwd), while the backends move under attention_jax.functional
-    from attention_jax.functional import pallas as pallas_impl
-except ImportError:
-    pallas_impl = None
-needs_adapter = pytest.mark.skipif(pallas_impl is None, reason="attention_jax.functional.pallas moved")
+from pallas_kernels.flash_attention import (
+    BlockSizes,
+    flash_attention,
+    flash_attention_reference,
+    flash_backward,
+    flash_forward,
+    mask_block_shape,
+)
 
 B = 2
 # Two tile configurations (rows x keys per kernel): forward / dk,dv / dq tiles differ on purpose.
@@ -280,7 +281,6 @@ def test_dot_product_attention_pallas_gqa_mask():
     assert_close(lse, ref_lse)
 
 
-@needs_adapter
 def test_bool_array_mask_with_bias_and_empty_rows():
     q, key, v = random_qkv(2, b=B, t=24, s=40, n=2, k=1, h=32)
     dense = np.random.default_rng(0).random((B, 1, 24, 40)) > 0.5
@@ -296,39 +296,39 @@ def test_bool_array_mask_with_bias_and_empty_rows():
         return _loss_and_grads(f, q, key, v, bias)
 
     _assert_matches(*run("pallas"), run("reference"), jnp.float32)
-    shape = aj.functional._checks.check_qkv(q, key, v)
-    spec, _ = pallas_impl.mask_spec(dense, shape, BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_q_dq=16,
-                                                                  block_k_dkv=16, block_k_dq=16))  # fmt: skip
-    assert (np.asarray(spec.block_map)[:, :, 1] == mask_info.EMPTY).all()
 
 
-@needs_adapter
 def test_traced_offsets_under_jit():
     q, key, v = random_qkv(4, b=1, t=16, s=48, n=2, k=2, h=32)
     mask = masks.causal() & masks.sliding_window(20)
 
-    shape = aj.functional._checks.check_qkv(q, key, v)
-
-    def f(q, key, v, offset):  # the kernels take traced offsets (all tiles PARTIAL), the reference does not
-        return pallas_impl.attention(q, key, v, shape=shape, scale=32**-0.5, mask=mask, q_offset=offset)[0]
+    def f(q, key, v, offset):  # the kernels take traced offsets (positions are runtime arrays)
+        return aj.dot_product_attention(q, key, v, mask=mask, q_offset=offset, implementation="pallas")
 
     ref = aj.dot_product_attention(q, key, v, mask=mask, q_offset=32, implementation="reference")
     assert_close(_jit(f, q, key, v, jnp.int32(32)), ref)
 
 
-@needs_adapter
-def test_unsupported_calls_raise():
-    q, key, v = random_qkv(0, b=1, t=16, n=2, h=32)
-    with pytest.raises(ValueError, match="score_mod"):
-        aj.dot_product_attention(q, key, v, score_mod=aj.score_mods.softcap(5.0), implementation="pallas")
-    with pytest.raises(ValueError, match="softcap"):
-        aj.dot_product_attention(q, key, v, mask=jnp.ones((16, 16), bool), softcap=5.0, implementation="pallas")
+def test_score_mod_and_array_mask_with_softcap():
+    """What the kernels once refused: a score mod, and a boolean array under softcap (now a mask tile)."""
+    q, key, v = random_qkv(0, b=1, t=20, s=28, n=2, h=32)
+    dense = jnp.asarray(np.random.default_rng(1).random((1, 2, 20, 28)) > 0.4)  # per head
+
+    def run(impl):
+        def f(q, key, v):
+            return aj.dot_product_attention(
+                q, key, v, mask=dense, softcap=5.0, score_mod=aj.score_mods.softcap(3.0), implementation=impl,
+                return_lse=True,
+            )  # fmt: skip
+
+        return _loss_and_grads(lambda q, key, v, _: f(q, key, v), q, key, v, None)
+
+    _assert_matches(*run("pallas"), run("reference"), jnp.float32)
 
 
 # -- the ring's block-level fwd / bwd --------------------------------------------------------------
 
 
-@needs_adapter
 def test_block_fwd_bwd_assemble_the_full_attention():
     """Two K/V halves as two ring steps: merged outputs and summed gradients equal the reference."""
     t, s = 24, 48
@@ -352,15 +352,21 @@ def test_block_fwd_bwd_assemble_the_full_attention():
             )
         )
     stack = lambda *xs: jnp.stack(xs)
+    # A ring step: float32 outputs and gradients, so the ring's merge and sums stay exact.
+    step_fwd = lambda q, k, v, sp: flash_forward(q, k, v, mask=sp, out_dtype=jnp.float32, block_sizes=BLOCKS_A,
+                                                 interpret=True)  # fmt: skip
+    step_bwd = lambda q, k, v, sp, lse, delta, dout: flash_backward(
+        q, k, v, lse, delta, dout, mask=sp, grad_dtype=jnp.float32, block_sizes=BLOCKS_A, interpret=True
+    )
     kv = jax.tree.map(stack, *[(key[:, lo:hi], v[:, lo:hi], sp) for (lo, hi), sp in zip(halves, specs)])
 
     def ring(q, kv, dout):  # the steps run in a loop (lax.map), as in a ring: one kernel instance each
-        out_i, lse_i = jax.lax.map(lambda x: pallas_impl.fwd(q, *x), kv)  # [2, B, T, N, Hv], [2, B, N, T]
+        out_i, lse_i = jax.lax.map(lambda x: step_fwd(q, *x), kv)  # [2, B, T, N, Hv], [2, B, N, T]
         lse = jax.nn.logsumexp(lse_i, axis=0)
         weight = jnp.where(jnp.isfinite(lse_i), jnp.exp(lse_i - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
         out = jnp.sum(out_i * jnp.swapaxes(weight, 2, 3)[..., None], axis=0)
         delta = jnp.einsum("BTNH,BTNH->BNT", out, dout)
-        dq_i, dk_i, dv_i = jax.lax.map(lambda x: pallas_impl.bwd(q, *x, lse, delta, dout), kv)
+        dq_i, dk_i, dv_i = jax.lax.map(lambda x: step_bwd(q, *x, lse, delta, dout), kv)
         merge = lambda d: jnp.concatenate(list(d), axis=1)
         return out_i, out, lse, (dq_i.sum(0), merge(dk_i), merge(dv_i))
 
