@@ -143,6 +143,8 @@ def _dkv_kernel(
             ds = p * (dp - delta)
             if th is not None:
                 ds = ds * (1.0 - th * th)
+            if mask is not None:  # exact zeros where masked: a NaN in a K/V row nobody sees stays out of dK
+                ds = jnp.where(mask, ds, 0.0)
 
             def accumulate(dk_ref, dv_ref):
                 dv_ref[...] = dv
