@@ -5,7 +5,7 @@ block per side, one global block, two random blocks) masks from ``attention_jax.
 and causal attention measured in the same run. For each pattern: the median forward time at T and at 2T, their
 ratio (2 for O(T * w), 4 for O(T^2)), and the share of tiles the block map leaves to visit. Two tilings: the
 default of ``dot_product_attention(..., implementation="blockwise")`` (512 x 512 on CPU) and 128 x 128 tiles
-(``attention_jax.functional.blockwise.attention``), which BigBird's 128-position blocks need to be skipped.
+(``aj.functional.backends.Blockwise(block_q=128, block_k=128)``), which BigBird's 128-position blocks need to be skipped.
 
 float32, B=1, N=8, K=2 (GQA), H=64; medians of 5 calls after a warm-up (compilation) call, every (pattern, T)
 interleaved round by round so that a change of machine load hits them alike.
@@ -32,7 +32,7 @@ from common import block, fmt_ms, fmt_ratio, load_average, machine, markdown_tab
 
 import attention_jax as aj  # noqa: E402
 from attention_jax import sparse_patterns  # noqa: E402
-from attention_jax.functional import _checks, blockwise  # noqa: E402
+from attention_jax.functional import blockwise  # noqa: E402
 from pallas_kernels.mask_info import EMPTY  # noqa: E402
 
 SECTION = "Sparse attention (CPU)"
@@ -52,14 +52,8 @@ BUSY = (
 
 def attend_fn(mask, tile, t):
     """A jitted forward at length t: the public blockwise path, or blockwise with ``tile x tile`` tiles."""
-    shape = _checks.AttentionShape(B, t, t, N, K, H, H)
-    if tile is None:
-        run = lambda q, k, v: aj.dot_product_attention(q, k, v, mask=mask, implementation="blockwise")
-    else:
-        run = lambda q, k, v: blockwise.attention(
-            q, k, v, shape=shape, scale=H**-0.5, mask=mask, block_q=tile, block_k=tile
-        )[0]
-    return jax.jit(run)
+    backend = "blockwise" if tile is None else aj.functional.backends.Blockwise(block_q=tile, block_k=tile)
+    return jax.jit(lambda q, k, v: aj.dot_product_attention(q, k, v, mask=mask, implementation=backend))
 
 
 def visited_share(mask, tile, t) -> float:
