@@ -1,18 +1,17 @@
-"""CPU benchmark of the blockwise (flash) path against its peers, measured in the same run.
+"""CPU benchmark of the blockwise (flash) path against PyTorch SDPA and jax.nn, measured in the same run.
 
-Peers: ``jax.nn.dot_product_attention`` (XLA), our dense reference, and PyTorch's
-``scaled_dot_product_attention`` (its CPU flash kernel) when torch is importable. float32, B=1, N=8,
-H=64, K=8 (MHA) and K=2 (GQA). Every measurement runs in a fresh process (clean peak memory; a peer
-that runs out of memory cannot take the suite down); peers of one shape share that process and are
-timed in interleaved rounds, so a change of machine load hits them alike. Medians after a warm-up
-(compilation) call.
+Peers: PyTorch's ``scaled_dot_product_attention`` (its CPU flash kernel, the same number of
+threads as XLA: the machine's cores) and ``jax.nn.dot_product_attention`` (XLA, dense; only at
+small T, where its ``T x T`` scores fit). B=1, N=8, H=64, K=8 (MHA) and K=2 (GQA), causal and
+full, forward and forward + backward. Each shape runs in a fresh process; its implementations are
+timed in interleaved rounds (a change of machine load hits them alike) and reported as medians
+after a warm-up (compilation) call. Each process also times a large float32 ``jnp`` matmul in the
+same rounds: the fraction of that rate our attention reaches counts ``4 B N T S H`` flops for the
+forward (half under a causal mask) and 3.5 times that for forward + backward (the backward
+recomputes the scores: five matmuls per tile against two).
 
-1. causal forward and forward + backward at T=8192 (targets: >= 5x and >= 3x faster than jax.nn);
-2. sliding window 512 at T=16384 and 32768 (time ratio <= 2.3; >= 15x faster than jax.nn's
-   ``local_window_size=(512, 0)`` at 16384);
-3. peak process memory of causal forward + backward as T grows to 65536 (target < 2 GB, linear);
-4. block sizes (what ``default_block_sizes`` picks on CPU);
-5. the crossover against the dense reference at small T (what ``implementation=None`` should pick).
+Also: bfloat16 inputs; dropout (the hashed bits, regenerated in the backward) and an ALiBi score
+function at T=8192 with the compiled temporaries (``compiled.memory_analysis()``) as T doubles.
 
     python benchmarks/bench_flash_cpu.py           # the suite; updates its section of RESULTS.md
     python benchmarks/bench_flash_cpu.py --quick   # small sizes, prints only
@@ -22,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,9 +35,7 @@ from common import (  # noqa: E402
     load_average,
     machine,
     markdown_table,
-    peak_rss_mb,
     run_child,
-    time_fn,
     torch_version,
     write_section,
 )
@@ -44,12 +43,7 @@ from common import (  # noqa: E402
 SECTION = "Flash attention (CPU)"
 SCRIPT = Path(__file__).resolve()
 B, N, H = 1, 8, 64
-NAMES = {
-    "blockwise": "ours (blockwise)",
-    "reference": "ours (dense reference)",
-    "jax_nn": "jax.nn.dot_product_attention",
-    "torch": "torch SDPA",
-}
+MATMUL = 2048  # the reference matmul: [2048, 2048] x [2048, 2048] float32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,48 +51,60 @@ NAMES = {
 # ---------------------------------------------------------------------------------------------------
 
 
-def _jax_callable(impl: str, mode: str, mask: str, window: int, blocks):
-    import jax
+def _spec(t: int, mask: str, extra: str = "plain", blocks=None):
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
 
     import attention_jax as aj
-    from attention_jax.functional import _checks, blockwise
+    from attention_jax.functional import blockwise
+
+    bq, bk = blocks or blockwise.default_block_sizes(t, t)
+    m = aj.masks.causal() if mask == "causal" else aj.masks.full()
+    spec = m.spec(t, t, bq, bk)
+    spec = dataclasses.replace(spec, block_map=np.asarray(spec.block_map))  # known at trace time: static schedule
+    if extra == "alibi":
+        slopes = jnp.asarray(aj.positional.alibi_slopes(N), jnp.float32)
+        spec = dataclasses.replace(spec, score_fn=_alibi, score_params=(slopes,))
+    return spec
+
+
+def _alibi(score, batch, head, q_pos, kv_pos, params):
+    return score + params[0] * (kv_pos - q_pos).astype(score.dtype)
+
+
+def _jax_callable(impl: str, mode: str, t: int, mask: str, blocks=None):
+    import jax
+    import jax.numpy as jnp
+
+    from attention_jax.functional import blockwise
 
     if impl == "jax_nn":
-        kw = {"local_window_size": (window, 0)} if mask == "window" else {"is_causal": True}
-        f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kw)
+        f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=mask == "causal")
     else:
-        m = aj.masks.sliding_window(window) if mask == "window" else aj.masks.causal()
-        if impl == "blockwise" and blocks:
+        extra = {"blockwise": "plain", "blockwise_dropout": "plain", "blockwise_alibi": "alibi"}[impl]
+        rate = 0.1 if impl == "blockwise_dropout" else 0.0
+        spec = _spec(t, mask, extra, blocks)
 
-            def f(q, k, v):
-                shape = _checks.check_qkv(q, k, v)
-                out, _ = blockwise.attention(
-                    q, k, v, shape=shape, scale=H**-0.5, mask=m, block_q=blocks[0], block_k=blocks[1]
-                )
-                return out
+        def f(q, k, v):
+            seed = jnp.int32(17) if rate else None
+            return blockwise.attention(q, k, v, spec, scale=H**-0.5, dropout_rate=rate, dropout_seed=seed)[0]
 
-        else:
-            f = lambda q, k, v: aj.dot_product_attention(q, k, v, mask=m, implementation=impl)
     if mode == "fwd":
         return jax.jit(f)
     return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
 
 
-def _torch_callable(mode: str, mask: str, window: int, arrays):
+def _torch_callable(mode: str, mask: str, arrays, dtype: str):
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    q, k, v, do = (torch.from_numpy(np.ascontiguousarray(np.swapaxes(a, 1, 2))) for a in arrays)  # [B, N, T, H]
-    t = q.shape[2]
-    kw = {"enable_gqa": k.shape[1] != q.shape[1]}
-    if mask == "window":
-        i = torch.arange(t)[:, None]
-        j = torch.arange(t)[None, :]
-        kw["attn_mask"] = (j <= i) & (j >= i - window)
-    else:
-        kw["is_causal"] = True
-
+    torch.set_num_threads(os.cpu_count() or 1)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    q, k, v, do = (torch.from_numpy(np.ascontiguousarray(np.swapaxes(a, 1, 2))).to(tdtype) for a in arrays)
+    kw = {"enable_gqa": k.shape[1] != q.shape[1], "is_causal": mask == "causal"}
     if mode == "fwd":
 
         def fwd():
@@ -117,47 +123,77 @@ def _torch_callable(mode: str, mask: str, window: int, arrays):
     return fwd_bwd
 
 
+def _matmul_callable():
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (MATMUL, MATMUL), jnp.float32)
+    f = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST))
+    return lambda: f(a)
+
+
+def _timed(call) -> float:
+    import jax
+
+    start = time.perf_counter()
+    out = call()
+    if not _is_torch(out):
+        jax.block_until_ready(out)
+    return time.perf_counter() - start
+
+
+def _is_torch(x) -> bool:
+    mod = type(x[0] if isinstance(x, list) else x).__module__
+    return mod.startswith("torch")
+
+
 def child(spec: dict) -> dict:
     """Measure ``spec["items"]`` (impl, mode) on one shape; print JSON."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
-    kv_heads = spec["k"]
-    keep_numpy = any(item["impl"] == "torch" for item in spec["items"])
-    inputs = {}  # length -> (numpy arrays (for torch), jax arrays); an item may name its own length "t"
-    for t in sorted({item.get("t", spec["t"]) for item in spec["items"]}):
-        rng = np.random.default_rng(0)
-        shapes = [(B, t, N, H), (B, t, kv_heads, H), (B, t, kv_heads, H), (B, t, N, H)]  # q, k, v, output cotangent
-        arrays, jax_arrays = [], []
-        for shape in shapes:  # one at a time, so that a numpy copy never doubles the inputs' memory
-            a = rng.standard_normal(shape, dtype=np.float32)
-            jax_arrays.append(jax.block_until_ready(jax.device_put(a)))
-            if keep_numpy:
-                arrays.append(a)
-            del a
-        inputs[t] = (arrays, jax_arrays)
-    base = peak_rss_mb()
+    t, kv_heads, dtype = spec["t"], spec["k"], spec.get("dtype", "float32")
+    rng = np.random.default_rng(0)
+    shapes = [(B, t, N, H), (B, t, kv_heads, H), (B, t, kv_heads, H), (B, t, N, H)]  # q, k, v, output cotangent
+    arrays = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    jax_arrays = [jax.block_until_ready(jnp.asarray(a, dtype)) for a in arrays]
     calls = []
     for item in spec["items"]:
         impl, mode = item["impl"], item["mode"]
-        arrays, jax_arrays = inputs[item.get("t", spec["t"])]
         if impl == "torch":
-            calls.append(_torch_callable(mode, spec["mask"], spec["window"], arrays))
+            calls.append(_torch_callable(mode, spec["mask"], arrays, dtype))
+        elif impl == "matmul":
+            calls.append(_matmul_callable())
         else:
-            f = _jax_callable(impl, mode, spec["mask"], spec["window"], item.get("blocks"))
+            f = _jax_callable(impl, mode, t, spec["mask"], item.get("blocks"))
             args = jax_arrays[:3] if mode == "fwd" else jax_arrays
             calls.append(lambda f=f, args=args: f(*args))
     load_start = load_average()
-    firsts = [time_fn(call, repeats=0)["first"] for call in calls]  # compile / warm up each
+    firsts = [_timed(call) for call in calls]  # compile / warm up each
     samples = [[] for _ in calls]
     for _ in range(spec["repeats"]):
         for n, call in enumerate(calls):
-            samples[n].append(time_fn(call, repeats=1, warmup=0)["samples"][0])
+            samples[n].append(_timed(call))
     items = []
     for item, first, s in zip(spec["items"], firsts, samples):
         s = s or [first]
-        items.append({**item, "median": float(np.median(s)), "min": min(s), "samples": s, "first": first})
-    return {"items": items, "base_mb": base, "peak_mb": peak_rss_mb(), "load": [load_start, load_average()]}
+        items.append({**item, "median": float(np.median(s)), "samples": s, "first": first})
+    return {"items": items, "load": [load_start, load_average()]}
+
+
+def memory_child(spec: dict) -> dict:
+    """Compiled temporaries (bytes) of ours, forward + backward, for each T in ``spec["ts"]``; print JSON."""
+    import jax
+
+    out = {}
+    for t in spec["ts"]:
+        f = _jax_callable(spec["impl"], "fwd_bwd", t, "causal")
+        x = jax.ShapeDtypeStruct((B, t, N, H), "float32")
+        kv = jax.ShapeDtypeStruct((B, t, spec["k"], H), "float32")
+        compiled = f.trace(x, kv, kv, x).lower().compile()
+        out[str(t)] = compiled.memory_analysis().temp_size_in_bytes
+    return {"temp_bytes": out}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,12 +201,12 @@ def child(spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def measure(t, k, items, *, mask="causal", window=512, repeats=3) -> dict:
-    spec = {"t": t, "k": k, "items": items, "mask": mask, "window": window, "repeats": repeats}
+def measure(t, k, items, *, mask="causal", repeats=3, dtype="float32") -> dict:
+    spec = {"t": t, "k": k, "items": items, "mask": mask, "repeats": repeats, "dtype": dtype}
     started = time.perf_counter()
     result = run_child(SCRIPT, ["--child", json.dumps(spec)])
     what = ", ".join(f"{i['impl']}/{i['mode']}" for i in items)
-    print(f"  T={t} K={k} {mask}: {what} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    print(f"  T={t} K={k} {mask} {dtype}: {what} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     if "error" in result:
         print(f"    -> {result['error']}", file=sys.stderr, flush=True)
     return result
@@ -183,195 +219,136 @@ def _median(result, impl, mode):
     return None
 
 
-def _peers(have_torch):
-    return ["blockwise", "jax_nn"] + (["torch"] if have_torch else [])
+def _flops(t: int, mask: str, mode: str) -> float:
+    fwd = 4 * B * N * t * t * H * (0.5 if mask == "causal" else 1.0)
+    return fwd * (3.5 if mode == "fwd_bwd" else 1.0)
 
 
-def causal_section(t, have_torch, repeats) -> tuple[list[str], dict]:
-    lines, ratios = [], {}
-    rows = []
-    for k in (8, 2):
-        impls = _peers(have_torch)
-        items = [{"impl": i, "mode": m} for m in ("fwd", "fwd_bwd") for i in impls]
-        res = measure(t, k, items, repeats=repeats)
-        for impl in impls:
-            fwd, both = _median(res, impl, "fwd"), _median(res, impl, "fwd_bwd")
-            ours_fwd, ours_both = _median(res, "blockwise", "fwd"), _median(res, "blockwise", "fwd_bwd")
-            speed_fwd = fwd / ours_fwd if fwd and ours_fwd else None
-            speed_both = both / ours_both if both and ours_both else None
-            rows.append([f"K={k}", NAMES[impl], fmt_ms(fwd), fmt_ratio(speed_fwd), fmt_ms(both), fmt_ratio(speed_both)])
-            ratios[(k, impl)] = (speed_fwd, speed_both)
-        if "error" in res:
-            rows.append([f"K={k}", "(failed)", res["error"], "", "", ""])
-    lines.append(
-        f"**Causal, T={t}**, B={B}, N={N}, H={H}, float32; median of {repeats} after a warm-up; "
-        "'speed-up' is the peer's time over ours (> 1: ours is faster)."
-    )
-    lines.append("")
-    lines += markdown_table(
-        ["heads", "implementation", "forward (ms)", "speed-up", "forward + backward (ms)", "speed-up"], rows
-    )
-    return lines, ratios
+def _fraction(seconds, t, mask, mode, matmul_s):
+    if not seconds or not matmul_s:
+        return None
+    return (_flops(t, mask, mode) / seconds) / (2 * MATMUL**3 / matmul_s)
 
 
-def window_section(ts, have_torch, repeats, window=512) -> tuple[list[str], dict]:
-    rows, ours = [], {}
-    peer_t = ts[0]
-    # Ours at every length in one process, interleaved: the growth ratio is not skewed by load changes.
-    items = [{"impl": "blockwise", "mode": m, "t": t} for t in ts for m in ("fwd", "fwd_bwd")]
-    if have_torch:
-        items.append({"impl": "torch", "mode": "fwd", "t": peer_t})
-    res = measure(peer_t, 8, items, mask="window", window=window, repeats=repeats)
-    got = {(i["impl"], i["mode"], i["t"]): i["median"] for i in res.get("items", [])}
-    nn = measure(peer_t, 8, [{"impl": "jax_nn", "mode": "fwd"}], mask="window", window=window, repeats=2)
-    if "error" in nn:  # dense [T, T] scores: may run out of memory when other jobs hold some; retry once
-        nn = measure(peer_t, 8, [{"impl": "jax_nn", "mode": "fwd"}], mask="window", window=window, repeats=1)
-    for t in ts:
-        ours[t] = (got.get(("blockwise", "fwd", t)), got.get(("blockwise", "fwd_bwd", t)))
-        rows.append([f"T={t}", NAMES["blockwise"], fmt_ms(ours[t][0]), "1.00x", fmt_ms(ours[t][1])])
-        if t == peer_t:
-            peers = [("torch", got.get(("torch", "fwd", t)))] if have_torch else []
-            peers.append(("jax_nn", _median(nn, "jax_nn", "fwd") if "error" not in nn else None))
-            for impl, sec in peers:
-                speed = sec / ours[t][0] if sec and ours[t][0] else None
-                note = "" if sec or impl != "jax_nn" else f" ({nn['error']})"
-                rows.append([f"T={t}", NAMES[impl] + note, fmt_ms(sec), fmt_ratio(speed), ""])
-    t0, t1 = ts[0], ts[-1]
-    growth = [ours[t1][i] / ours[t0][i] if ours[t1][i] and ours[t0][i] else None for i in (0, 1)]
-    lines = [
-        f"**Sliding window {window}** (query i sees keys i-{window}..i), K=8, float32; median of {repeats}. "
-        f"Ours from T={t0} to T={t1}: forward x{growth[0] or float('nan'):.2f}, forward + backward "
-        f"x{growth[1] or float('nan'):.2f} (linear is x{t1 / t0:.1f}).",
-        "",
-    ]
-    lines += markdown_table(["length", "implementation", "forward (ms)", "speed-up", "forward + backward (ms)"], rows)
-    return lines, {"growth": growth, "rows": rows}
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
-def memory_section(ts, nn_t) -> tuple[list[str], dict]:
-    rows, peaks = [], {}
-    for t in ts:
-        res = measure(t, 8, [{"impl": "blockwise", "mode": "fwd_bwd"}], repeats=0)
-        peaks[t] = res.get("peak_mb")
-        time_s = _median(res, "blockwise", "fwd_bwd")
-        rows.append([f"T={t}", NAMES["blockwise"], _mb(res.get("base_mb")), _mb(peaks[t]), fmt_ms(time_s)])
-    res = measure(nn_t, 8, [{"impl": "jax_nn", "mode": "fwd_bwd"}], repeats=0)
-    rows.append(
-        [
-            f"T={nn_t}",
-            NAMES["jax_nn"],
-            _mb(res.get("base_mb")),
-            _mb(res.get("peak_mb")),
-            fmt_ms(_median(res, "jax_nn", "fwd_bwd")),
-        ]
-    )
-    lines = [
-        "**Peak process memory** (`ru_maxrss` of a fresh process: Python, JAX, inputs, compilation and one "
-        "causal forward + backward), K=8, float32. 'inputs' is the process after creating q, k, v and the "
-        "output cotangent, before compiling.",
-        "",
-    ]
-    lines += markdown_table(["length", "implementation", "inputs (MB)", "peak (MB)", "first call (ms)"], rows)
-    return lines, peaks
-
-
-def _mb(x):
-    return "n/a" if x is None else f"{x:,.0f}"
-
-
-def block_section(t, sizes, repeats) -> list[str]:
-    items = [{"impl": "blockwise", "mode": m, "blocks": list(b)} for b in sizes for m in ("fwd", "fwd_bwd")]
-    res = measure(t, 8, items, repeats=repeats)
-    rows = []
-    for b in sizes:
-        got = {i["mode"]: i["median"] for i in res.get("items", []) if i.get("blocks") == list(b)}
-        rows.append([f"{b[0]} x {b[1]}", fmt_ms(got.get("fwd")), fmt_ms(got.get("fwd_bwd"))])
-    lines = [f"**Block sizes** (block_q x block_k), causal, T={t}, K=8; median of {repeats}.", ""]
-    return lines + markdown_table(["blocks", "forward (ms)", "forward + backward (ms)"], rows)
-
-
-def crossover_section(ts, repeats) -> list[str]:
-    rows = []
-    for t in ts:
-        impls = ["blockwise", "reference", "jax_nn"]
-        res = measure(t, 8, [{"impl": i, "mode": m} for m in ("fwd", "fwd_bwd") for i in impls], repeats=repeats)
-        row = [f"T={t}"]
+def main_table(points, have_torch, repeats, nn_max_t, dtype="float32") -> tuple[list[str], list[dict]]:
+    """One row per (T, mask, K): ours, torch and jax.nn, forward and forward + backward, and ours' matmul fraction."""
+    rows, records = [], []
+    for t, mask, k, modes in points:
+        impls = ["blockwise"] + (["torch"] if have_torch else []) + (["jax_nn"] if t <= nn_max_t else [])
+        items = [{"impl": i, "mode": m} for m in modes for i in impls] + [{"impl": "matmul", "mode": "fwd"}]
+        # Long sequences: one timed round after the warm-up (minutes per round on 2 cores).
+        res = measure(t, k, items, mask=mask, repeats=1 if t >= 16384 else repeats, dtype=dtype)
+        matmul_s = _median(res, "matmul", "fwd")
+        row = [str(t), mask, "MHA" if k == N else f"GQA K={k}"]
+        rec = {"t": t, "mask": mask, "k": k, "load": res.get("load"), "error": res.get("error")}
         for mode in ("fwd", "fwd_bwd"):
-            ours, ref = _median(res, "blockwise", mode), _median(res, "reference", mode)
-            row += [
-                fmt_ms(ours),
-                fmt_ms(ref),
-                fmt_ms(_median(res, "jax_nn", mode)),
-                fmt_ratio(ref / ours if ours and ref else None),
-            ]
+            ours, torch_s, nn = (_median(res, i, mode) for i in ("blockwise", "torch", "jax_nn"))
+            ratio = torch_s / ours if ours and torch_s else None
+            frac = _fraction(ours, t, mask, mode, matmul_s)
+            row += [fmt_ms(ours), fmt_ms(torch_s), fmt_ratio(ratio), fmt_ms(nn), _pct(frac)]
+            rec[mode] = {"ours": ours, "torch": torch_s, "jax_nn": nn, "ratio": ratio, "fraction": frac}
+        gflops = 2 * MATMUL**3 / matmul_s / 1e9 if matmul_s else None
+        row.append("n/a" if gflops is None else f"{gflops:.0f}")
+        load = res.get("load") or [float("nan")] * 2
+        row.append(f"{load[0]:.1f}-{load[1]:.1f}")
         rows.append(row)
-    header = [
-        "length",
-        "fwd: ours",
-        "fwd: reference",
-        "fwd: jax.nn",
-        "ref / ours",
-        "fwd+bwd: ours",
-        "fwd+bwd: reference",
-        "fwd+bwd: jax.nn",
-        "ref / ours",
-    ]
-    lines = [f"**Small sizes** (ms), causal, K=8: where the dense reference is as fast; median of {repeats}.", ""]
-    return lines + markdown_table(header, rows)
+        records.append(rec)
+    header = ["T", "mask", "heads"]
+    for what in ("fwd", "fwd+bwd"):
+        header += [f"{what}: ours (ms)", "torch (ms)", "torch / ours", "jax.nn (ms)", "ours / matmul rate"]
+    header += ["matmul GFLOP/s", "load"]
+    return markdown_table(header, rows), records
+
+
+def extras_table(t, have_torch, repeats) -> list[str]:
+    """Dropout and ALiBi at T (causal, MHA): times next to the plain path."""
+    impls = ["blockwise", "blockwise_dropout", "blockwise_alibi"]
+    items = [{"impl": i, "mode": m} for m in ("fwd", "fwd_bwd") for i in impls]
+    res = measure(t, N, items, repeats=repeats)
+    names = {"blockwise": "plain", "blockwise_dropout": "dropout 0.1", "blockwise_alibi": "ALiBi score_fn"}
+    rows = [[names[i], fmt_ms(_median(res, i, "fwd")), fmt_ms(_median(res, i, "fwd_bwd"))] for i in impls]
+    return markdown_table([f"ours, causal, T={t}, MHA", "forward (ms)", "forward + backward (ms)"], rows)
+
+
+def memory_table(ts) -> list[str]:
+    rows = []
+    for impl in ("blockwise", "blockwise_dropout", "blockwise_alibi"):
+        cmd = [sys.executable, str(SCRIPT), "--memory-child", json.dumps({"ts": list(ts), "k": N, "impl": impl})]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        got = json.loads(lines[-1])["temp_bytes"] if lines else {}
+        rows.append([impl.replace("blockwise_", "ours, ").replace("blockwise", "ours, plain")])
+        rows[-1] += [f"{got[str(t)] / 2**20:,.1f}" if str(t) in got else "n/a" for t in ts]
+        print(f"  memory {impl}: {got}", file=sys.stderr, flush=True)
+    rows.append(["one T x T float32 buffer (per head)"] + [f"{t * t * 4 / 2**20:,.0f}" for t in ts])
+    return markdown_table(["compiled temporaries (MiB), causal fwd+bwd, MHA"] + [f"T={t}" for t in ts], rows)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, print only (no RESULTS.md update)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return
 
     have_torch = torch_version() is not None
     started, load_start = time.perf_counter(), load_average()
+    both = ("fwd", "fwd_bwd")
     if args.quick:
-        causal_t, window_ts, memory_ts, nn_mem_t, block_t, cross_ts, reps = (
-            2048,
-            (4096, 8192),
-            (4096, 8192),
-            2048,
-            2048,
-            (256, 1024),
-            2,
-        )
-        sizes = [(256, 256), (512, 512)]
+        points = [(t, m, k, both) for t in (1024, 2048) for m in ("causal", "full") for k in (8, 2)]
+        bf16_points, extras_t, mem_ts, nn_max_t = [(1024, "causal", 8, both)], 1024, (1024, 2048), 2048
     else:
-        causal_t, window_ts, memory_ts, nn_mem_t, block_t, cross_ts, reps = (
-            8192,
-            (16384, 32768),
-            (16384, 32768, 65536),
-            8192,
-            8192,
-            (256, 512, 1024, 2048, 4096),
-            3,
-        )
-        sizes = [(256, 256), (256, 512), (512, 256), (512, 512), (1024, 512)]
-    sections = []
-    causal_lines, causal_ratios = causal_section(causal_t, have_torch, reps)
-    sections.append(causal_lines)
-    window_lines, window_info = window_section(window_ts, have_torch, reps)
-    sections.append(window_lines)
-    memory_lines, peaks = memory_section(memory_ts, nn_mem_t)
-    sections.append(memory_lines)
-    sections.append(block_section(block_t, sizes, reps))
-    sections.append(crossover_section(cross_ts, reps))
+        points = [(t, m, k, both) for t in (2048, 4096, 8192) for m in ("causal", "full") for k in (8, 2)]
+        points += [(16384, "causal", 8, both), (32768, "causal", 8, ("fwd",))]
+        bf16_points, extras_t, mem_ts, nn_max_t = [(4096, "causal", 8, both)], 8192, (4096, 8192, 16384), 2048
+    main_lines, records = main_table(points, have_torch, args.repeats, nn_max_t)
+    bf16_lines, _ = main_table(bf16_points, have_torch, args.repeats, 0, dtype="bfloat16")
+    extra_lines = extras_table(extras_t, have_torch, args.repeats)
+    memory_lines = memory_table(mem_ts)
+    ratios = [r[m]["ratio"] for r in records for m in both if r.get(m) and r[m]["ratio"]]
+    fracs = [r[m]["fraction"] for r in records for m in both if r.get(m) and r[m]["fraction"]]
 
     header = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M')} with `python benchmarks/bench_flash_cpu.py"
+        f"Measured {time.strftime('%Y-%m-%d %H:%M')} UTC with `python benchmarks/bench_flash_cpu.py"
         f"{' --quick' if args.quick else ''}` on {machine()}.",
         f"Load average {load_start:.1f} at the start and {load_average():.1f} at the end "
-        f"({time.perf_counter() - started:.0f} s in all); the machine's 2 cores were shared with other jobs "
-        "when the load exceeds ~2, which slows every row alike (peers are interleaved).",
+        f"({time.perf_counter() - started:.0f} s in all); the 2 cores were shared with other jobs whenever the load "
+        "exceeds ~2, which slows every column of a row alike (each row's implementations run interleaved in one "
+        "process) but not every row alike.",
+        "",
+        f"**float32**, B={B}, N={N}, H={H}; median of {args.repeats} after a warm-up; 'torch / ours' > 1 means ours "
+        "is faster. 'ours / matmul rate': our attention flops per second (4BNTSH forward, halved when causal; 3.5x "
+        f"that forward + backward) over a {MATMUL}x{MATMUL} float32 `jnp.dot` timed in the same rounds. "
+        "jax.nn materialises T x T scores and runs only at small T; blank rows were not measured (time).",
         "",
     ]
-    body = header + [line for s in sections for line in (s + [""])]
+    summary = []
+    if ratios:
+        summary.append(
+            f"torch / ours over the measured float32 points: min {min(ratios):.2f}x, max {max(ratios):.2f}x; "
+            f"ours / matmul rate: min {_pct(min(fracs))}, max {_pct(max(fracs))}."
+        )
+        summary.append("")
+    body = header + main_lines + [""] + summary
+    body += [f"**bfloat16** inputs (ours computes in float32 on CPU), median of {args.repeats}.", ""] + bf16_lines
+    body += ["", f"**Dropout and a score function** (ALiBi), median of {args.repeats}.", ""] + extra_lines
+    body += [
+        "",
+        "**Compiled memory**: `compiled.memory_analysis().temp_size_in_bytes` of a jitted forward + backward; "
+        "linear in T (one T x T float32 buffer for comparison).",
+        "",
+    ] + memory_lines
     text = "\n".join(body)
     print(text)
     if not args.quick:
