@@ -22,7 +22,8 @@ True
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,21 +32,65 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attention_jax import masks as masks_lib
-from attention_jax.functional import _checks
-from pallas_kernels import layouts
-from pallas_kernels.mask_info import EMPTY, FULL, PARTIAL, kv_tiles_complete
+from attention_jax.functional import _checks, blockwise
+from pallas_kernels import layouts, ring_flash_step
+from pallas_kernels.mask_info import EMPTY, FULL, PARTIAL, MaskSpec, kv_tiles_complete
 from pallas_kernels.ring_attention import ring_attention
 
-__all__ = ["sequence_parallel_attention", "ring_block_maps", "blocks_per_device", "choose_block"]
+__all__ = [
+    "sequence_parallel_attention",
+    "RingStep",
+    "RING_STEPS",
+    "ring_step",
+    "ring_block_maps",
+    "blocks_per_device",
+    "choose_block",
+]
 
 Array = jax.Array
 
-# Per-step attention of each implementation: a module with ``fwd`` and ``bwd`` of the ring's step
-# interface (see pallas_kernels.ring_attention) and ``default_block_sizes(q_len, kv_len)``.
-_STEP_MODULES = {
-    "blockwise": "attention_jax.functional.blockwise",
-    "pallas": "attention_jax.functional.pallas",
+
+@dataclasses.dataclass(frozen=True)
+class RingStep:
+    """The per-block attention a ring runs at each step (``pallas_kernels.ring_attention``'s interface).
+
+    Attributes:
+      fwd: ``fwd(q, k, v, spec, *, scale, softcap) -> (out float32, lse float32)``.
+      bwd: ``bwd(q, k, v, spec, lse, delta, dout, *, scale, softcap) -> (dq, dk, dv)``.
+      block_sizes: ``block_sizes(q_len, kv_len) -> (block_q, block_k)``, the tiles the step prefers
+        for its MaskSpec.
+      check_vma: whether ``shard_map`` may check how the step's outputs vary over mesh axes
+        (``pallas_call`` does not annotate them, so the Pallas step needs the check off).
+    """
+
+    fwd: Callable
+    bwd: Callable
+    block_sizes: Callable[[int, int], tuple[int, int]]
+    check_vma: bool = True
+
+
+# The implementations that can run a ring step, by the name ``implementation`` takes.
+RING_STEPS = {
+    "blockwise": RingStep(blockwise.fwd, blockwise.bwd, blockwise.default_block_sizes),
+    "pallas": RingStep(
+        ring_flash_step.step_fwd, ring_flash_step.step_bwd, ring_flash_step.default_block_sizes, check_vma=False
+    ),
 }
+
+
+def ring_step(implementation: str | None = None) -> RingStep:
+    """The :class:`RingStep` of ``implementation``: None or ``"auto"`` is Pallas on GPU/TPU, blockwise on CPU.
+
+    >>> ring_step("blockwise") is RING_STEPS["blockwise"]
+    True
+    """
+    if implementation in (None, "auto"):
+        implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "blockwise"
+    if not isinstance(implementation, str) or implementation not in RING_STEPS:
+        raise ValueError(
+            f"sequence_parallel_attention runs each ring step with {tuple(RING_STEPS)}, got {implementation=!r}."
+        )
+    return RING_STEPS[implementation]
 
 
 def sequence_parallel_attention(
@@ -94,9 +139,9 @@ def sequence_parallel_attention(
     num_shards = _check_mesh(mesh, axis, batch_axis, shape.batch)
     for name, length in (("T", shape.q_len), ("S", shape.kv_len)):
         layouts.check_layout(length, num_shards, layout, name=name, in_place=True)
-    step_fwd, step_bwd, block_sizes = _step_functions(implementation)
+    step = ring_step(implementation)
 
-    block_q, block_k, block_maps = _plan(mask, shape.q_len, shape.kv_len, num_shards, layout, block_sizes)
+    block_q, block_k, block_maps = _plan(mask, shape.q_len, shape.kv_len, num_shards, layout, step.block_sizes)
     mask_fn = None if mask is None else mask.fn(shape.kv_len)
     q_vals, kv_vals = _mask_arrays(mask, shape)
 
@@ -109,21 +154,24 @@ def sequence_parallel_attention(
         to_layout = lambda x: layouts.shard_to_layout(x, axis, layout, axis=1)
         q, k, v = to_layout(q), to_layout(k), to_layout(v)
         q_vals, kv_vals = tuple(map(to_layout, q_vals)), tuple(map(to_layout, kv_vals))
+        spec = MaskSpec(
+            fn=mask_fn,
+            block_map=block_maps[0],  # this device's row of the [P, P, nq, nk] table
+            q_positions=layouts.shard_positions(axis, shape.q_len, layout),
+            kv_positions=layouts.shard_positions(axis, shape.kv_len, layout),
+            q_vals=q_vals,
+            kv_vals=kv_vals,
+            block_q=block_q,
+            block_k=block_k,
+        )
         out, lse = ring_attention(
             q,
             k,
             v,
+            spec,
             axis_name=axis,
-            step_fwd=step_fwd,
-            step_bwd=step_bwd,
-            block_maps=block_maps[0],
-            block_q=block_q,
-            block_k=block_k,
-            q_positions=layouts.shard_positions(axis, shape.q_len, layout),
-            kv_positions=layouts.shard_positions(axis, shape.kv_len, layout),
-            mask_fn=mask_fn,
-            q_vals=q_vals,
-            kv_vals=kv_vals,
+            step_fwd=step.fwd,
+            step_bwd=step.bwd,
             scale=scale,
             softcap=softcap,
             return_lse=True,
@@ -137,9 +185,7 @@ def sequence_parallel_attention(
     args = jax.tree.map(lambda x, spec: _place(x, mesh, spec), args, specs, is_leaf=lambda x: isinstance(x, P))
     # Pallas calls do not annotate how their outputs vary over mesh axes, so shard_map's check of
     # that (check_vma) cannot follow them; the ring's collectives are correct either way.
-    run = jax.shard_map(
-        local, mesh=mesh, in_specs=specs, out_specs=(seq, lse_spec), check_vma=step_fwd.__module__.endswith("blockwise")
-    )
+    run = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(seq, lse_spec), check_vma=step.check_vma)
     out, lse = run(*args)
     return (out, lse) if return_lse else out
 
@@ -157,7 +203,7 @@ def blocks_per_device(
     >>> blocks_per_device(masks_lib.causal(), 1024, 4, "zigzag", block=128).tolist()
     [9, 9, 9, 9]
     """
-    block_sizes = _step_functions(None)[2] if block is None else (lambda t, s: (block, block))
+    block_sizes = ring_step(None).block_sizes if block is None else (lambda t, s: (block, block))
     block_maps = _plan(mask, length, length, num_shards, layout, block_sizes)[-1]
     return (block_maps != EMPTY).sum(axis=(1, 2, 3))
 
@@ -201,16 +247,42 @@ def ring_block_maps(
             f"tiles must divide the shards: {block_q=} and {block_k=} for shards of {t_local} queries and "
             f"{s_local} keys (see choose_block)."
         )
-    with jax.ensure_compile_time_eval():  # host-side numpy, also when called under jit
-        maps = mask.block_map(
-            p * t_local,
-            p * s_local,
-            block_q,
-            block_k,
-            q_positions=q_positions.reshape(-1),
-            kv_positions=kv_positions.reshape(-1),
-        )  # [P * nq, P * nk]: tiles never straddle shards, so one call covers every pair
+    q_order, kv_order = q_positions.reshape(-1), kv_positions.reshape(-1)
+    try:
+        with jax.ensure_compile_time_eval():  # host-side numpy, also when called under jit
+            maps = _in_layout_order(mask, q_order, kv_order).block_map(
+                p * t_local, p * s_local, block_q, block_k, q_positions=q_order, kv_positions=kv_order
+            )  # [P * nq, P * nk]: tiles never straddle shards, so one call covers every pair
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        # A mask without structure (from_fn) combined with traced data (segment ids under jit) has
+        # no static map: every tile is PARTIAL (exact; the steps skip what the data hides at run time).
+        return np.full((p, p, nq, nk), PARTIAL, np.int8)
     return np.ascontiguousarray(maps.reshape(p, nq, p, nk).transpose(0, 2, 1, 3))
+
+
+def _in_layout_order(mask: masks_lib.Mask, q_order: np.ndarray, kv_order: np.ndarray) -> masks_lib.Mask:
+    """``mask`` with its per-position data (segment ids, valid keys: ``[B, T]`` / ``[B, S]``) permuted
+    like the positions, so that slot ``i`` holds the data of position ``q_order[i]``.
+
+    ``mask.block_map`` pairs the ``i``-th given position with the ``i``-th entry of the mask's data;
+    where it evaluates the mask densely (``from_fn`` combined with data), unpermuted data would
+    classify the tiles of a zigzag or striped layout from another position's segment id.
+    """
+    if mask.is_static:
+        return mask
+    t, s = len(q_order), len(kv_order)
+    for name, order, length in (("q_positions", q_order, t), ("kv_positions", kv_order, s)):
+        if not np.array_equal(np.sort(order), np.arange(length)):
+            raise ValueError(f"{name} must be a permutation of the {length} positions of a ring layout.")
+    if t == s and not np.array_equal(q_order, kv_order):
+        raise ValueError("a mask with data needs the same layout for queries and keys when T == S.")
+
+    def permute(x):
+        if isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 2 and x.shape[1] in (t, s):
+            return jnp.take(jnp.asarray(x), q_order if x.shape[1] == t else kv_order, axis=1)
+        return x  # per-sequence lengths [B] and static parts do not depend on the order
+
+    return jax.tree.map(permute, mask)
 
 
 def choose_block(length: int, preferred: int) -> int:
@@ -240,36 +312,6 @@ def _check_mesh(mesh, axis, batch_axis, batch) -> int:
                 f"batch_axis={batch_axis!r}."
             )
     return mesh.shape[axis]
-
-
-def _step_functions(implementation):
-    """``(step_fwd, step_bwd, default_block_sizes)`` of the implementation that runs each ring step."""
-    implementation = _checks.check_implementation(implementation)
-    if implementation is None:  # Pallas on GPU/TPU where this build has its ring step, else blockwise
-        if jax.default_backend() in ("gpu", "tpu") and _step_module("pallas") is not None:
-            implementation = "pallas"
-        else:
-            implementation = "blockwise"
-    if implementation not in _STEP_MODULES:
-        raise ValueError(
-            f"sequence_parallel_attention runs each ring step with {tuple(_STEP_MODULES)}, got {implementation=!r}."
-        )
-    module = _step_module(implementation)
-    if module is None:
-        raise ValueError(f"implementation={implementation!r} has no ring step (fwd/bwd) in this build.")
-    return module.fwd, module.bwd, module.default_block_sizes
-
-
-def _step_module(implementation):
-    """The module of an implementation's ring step, or None when this build lacks it."""
-    try:
-        module = importlib.import_module(_STEP_MODULES[implementation])
-    except ModuleNotFoundError as e:
-        if e.name != _STEP_MODULES[implementation]:
-            raise
-        return None
-    has_step = all(hasattr(module, name) for name in ("fwd", "bwd", "default_block_sizes"))
-    return module if has_step else None
 
 
 def _mask_arrays(mask, shape):

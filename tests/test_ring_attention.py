@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -13,41 +14,53 @@ from jax.sharding import PartitionSpec as P
 
 import attention_jax as aj
 from attention_jax import distributed
-from attention_jax.functional import _checks, reference
 from pallas_kernels import layouts, mask_info, ring_attention
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-# -- a dense per-step attention: the ring's step interface written from the reference -------------
+# -- a dense per-step attention: the ring's step interface written with jnp -----------------------
 # (an oracle for the kernel-floor ring, independent of the blockwise step that
 # sequence_parallel_attention runs on CPU)
 
 
-def _spec_mask(spec: mask_info.MaskSpec):
-    """The spec's mask on the full ``[T, S]`` position grid (``[B, 1, T, S]`` with data), or None."""
-    if spec.fn is None:
-        return None
-    q_vals = tuple(x[:, :, None] for x in spec.q_vals)  # [B, T, 1]
-    kv_vals = tuple(x[:, None, :] for x in spec.kv_vals)  # [B, 1, S]
-    dense = spec.fn(spec.q_positions[:, None], spec.kv_positions[None, :], q_vals, kv_vals)
-    return dense[:, None] if dense.ndim == 3 else dense
+def _dense_scores(q, k, *, scale, softcap):
+    """float32 ``[B, N, T, S]`` scores after softcap (query head n reads key head n // G)."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    q5 = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+    scores = scale * jnp.einsum("BTKGH,BSKH->BKGTS", q5, k.astype(jnp.float32), precision=HIGHEST)
+    scores = scores.reshape(b, n, t, -1)
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
+def _visible(spec: mask_info.MaskSpec, shape):
+    dense = spec.dense(shape[0])  # [B or 1, 1, T, S] or None
+    return jnp.ones(shape, bool) if dense is None else jnp.broadcast_to(dense, shape)
 
 
 def dense_step_fwd(q, k, v, spec, *, scale, softcap):
-    shape = _checks.check_qkv(q, k, v)
-    f32 = lambda x: x.astype(jnp.float32)
-    return reference.attention(f32(q), f32(k), f32(v), shape=shape, scale=scale, softcap=softcap, mask=_spec_mask(spec))
+    b, t, n, _ = q.shape
+    kh = k.shape[2]
+    scores = _dense_scores(q, k, scale=scale, softcap=softcap)
+    visible = _visible(spec, scores.shape)
+    top = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1, keepdims=True)
+    seen = jnp.isfinite(top)  # rows that see something
+    top = jnp.where(seen, top, 0.0)
+    weights = jnp.where(visible, jnp.exp(scores - top), 0.0)
+    total = jnp.where(seen, weights.sum(axis=-1, keepdims=True), 1.0)
+    probs = (weights / total).reshape(b, kh, n // kh, t, -1)  # [B, K, G, T, S]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32), precision=HIGHEST).reshape(b, t, n, -1)
+    return out, jnp.where(seen, top + jnp.log(total), -jnp.inf)[..., 0]
 
 
 def dense_step_bwd(q, k, v, spec, lse, delta, dout, *, scale, softcap):
-    shape = _checks.check_qkv(q, k, v)
     b, t, n, h = q.shape
-    kh, g = shape.num_kv_heads, shape.group_size
-    scores = reference.dense_scores(q, k, shape=shape, scale=scale, softcap=softcap)  # [B, N, T, S]
+    kh = k.shape[2]
+    g = n // kh
+    scores = _dense_scores(q, k, scale=scale, softcap=softcap)  # [B, N, T, S]
     seen = jnp.isfinite(lse)[..., None]  # [B, N, T, 1]
-    mask = _spec_mask(spec)
-    visible = seen if mask is None else seen & mask
+    visible = seen & _visible(spec, scores.shape)
     probs = jnp.where(visible, jnp.exp(scores - jnp.where(seen, lse[..., None], 0.0)), 0.0)  # global lse
     do = dout.astype(jnp.float32).reshape(b, t, kh, g, -1)  # [B, T, K, G, Hv]
     probs5 = probs.reshape(b, kh, g, t, -1)  # [B, K, G, T, S]
@@ -152,6 +165,24 @@ def test_masks_heads_and_dtypes(p, layout, mask_name, dtype, heads):
     check_against_reference(sp_mesh(p), mask, layout=layout, n=n, k=k, dtype=dtype, axis="sp")
 
 
+def _every_third(i, j):
+    return (i + j) % 3 != 0
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_data_mask_with_from_fn_in_a_permuted_layout(traced):
+    """``from_fn & segments`` in the striped layout: the block-map table pairs each position with its
+    own segment id (the data is permuted like the positions), also when the ids are traced."""
+    mask_of = lambda ids: aj.masks.segments(ids) & aj.masks.from_fn(_every_third)
+    ids = _segment_ids(t=64, seed=4)
+    q, key, v, _, _ = _inputs(3, 2, 64, 2, 1, 8, jnp.float32)
+    ring = lambda q, k, v, ids: aj.sequence_parallel_attention(
+        q, k, v, mesh=sp_mesh(4), axis="sp", mask=mask_of(ids), layout="striped"
+    )
+    out = jax.jit(ring)(q, key, v, ids) if traced else jax.jit(lambda q, k, v: ring(q, k, v, ids))(q, key, v)
+    assert_close(out, aj.dot_product_attention(q, key, v, mask=mask_of(ids), implementation="reference"))
+
+
 def test_softcap_full_attention():
     check_against_reference(sp_mesh(4), None, layout="zigzag", softcap=3.0, axis="sp")
 
@@ -189,20 +220,16 @@ def test_ring_attention_skips_empty_steps():
     q, key, v, _, _ = _inputs(1, 1, t, 4, 2, 16, jnp.float32)
 
     def local(q, k, v, block_maps):
-        return ring_attention(
-            q,
-            k,
-            v,
-            axis_name="sp",
-            step_fwd=poisoned_fwd,
-            step_bwd=dense_step_bwd,
-            block_maps=block_maps[0],  # this device's row of the [P, P, nq, nk] table
-            block_q=block,
-            block_k=block,
+        spec = mask_info.MaskSpec(
+            fn=CAUSAL.fn(t),
+            block_map=block_maps[0],  # this device's row of the [P, P, nq, nk] table
             q_positions=layouts.shard_positions("sp", t, "contiguous"),
             kv_positions=layouts.shard_positions("sp", t, "contiguous"),
-            mask_fn=CAUSAL.fn(t),
-            return_lse=True,
+            block_q=block,
+            block_k=block,
+        )
+        return ring_attention(
+            q, k, v, spec, axis_name="sp", step_fwd=poisoned_fwd, step_bwd=dense_step_bwd, return_lse=True
         )
 
     seq = P(None, "sp")
@@ -212,6 +239,98 @@ def test_ring_attention_skips_empty_steps():
     ref_out, ref_lse = aj.dot_product_attention(q, key, v, mask=CAUSAL, implementation="reference", return_lse=True)
     assert_close(out, ref_out)
     assert_close(lse, ref_lse)
+
+
+def _direct_ring(p, mask, t, block, step_fwd, step_bwd, *, layout="contiguous", spec_change=None):
+    """``ring_attention`` itself inside ``shard_map`` over ``p`` devices: ``f(q, k, v) -> (out, lse)`` on
+    global arrays already in ``layout`` order (the mask's data permuted the same way)."""
+    positions = layouts.layout_positions(t, p, layout)
+    block_maps = distributed.ring_block_maps(mask, positions, positions, block, block)
+    q_vals, kv_vals = mask.arrays(t, t)
+    q_vals = tuple(layouts.to_layout(jnp.broadcast_to(x, (2, t)), p, layout) for x in q_vals)
+    kv_vals = tuple(layouts.to_layout(jnp.broadcast_to(x, (2, t)), p, layout) for x in kv_vals)
+
+    def local(q, k, v, block_maps, q_vals, kv_vals):
+        spec = mask_info.MaskSpec(
+            fn=mask.fn(t),
+            block_map=block_maps[0],
+            q_positions=layouts.shard_positions("sp", t, layout),
+            kv_positions=layouts.shard_positions("sp", t, layout),
+            q_vals=q_vals,
+            kv_vals=kv_vals,
+            block_q=block,
+            block_k=block,
+        )
+        if spec_change is not None:
+            spec = spec_change(spec)
+        return ring_attention(q, k, v, spec, axis_name="sp", step_fwd=step_fwd, step_bwd=step_bwd, return_lse=True)
+
+    seq, vals = P(None, "sp"), P(None, "sp")
+    in_specs = (seq, seq, seq, P("sp"), (vals,) * len(q_vals), (vals,) * len(kv_vals))
+    run = jax.shard_map(
+        local, mesh=sp_mesh(p), in_specs=in_specs, out_specs=(seq, P(None, None, "sp")), check_vma=False
+    )
+    return lambda q, k, v: run(q, k, v, block_maps, q_vals, kv_vals)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_ring_attention_with_the_pallas_step(layout):
+    """The kernel-floor ring with the Pallas step (interpreted on CPU): data masks travel with their shard."""
+    from pallas_kernels.ring_flash_step import step_bwd, step_fwd
+
+    p, t, block = 2, 64, 16
+    mask = aj.masks.segments(_segment_ids(t=t, seed=3)) & CAUSAL
+    q, key, v, dout, dlse = _inputs(2, 2, t, 4, 2, 16, jnp.float32)
+    ring = _direct_ring(p, mask, t, block, step_fwd, step_bwd, layout=layout)
+    to = lambda x, axis=1: layouts.to_layout(x, p, layout, axis=axis)
+    back = lambda x, axis=1: layouts.from_layout(x, p, layout, axis=axis)
+
+    def ring_global(q, k, v):
+        out, lse = ring(to(q), to(k), to(v))
+        return back(out), back(lse, axis=2)
+
+    ref = functools.partial(aj.dot_product_attention, mask=mask, return_lse=True, implementation="reference")
+    grads, (out, lse) = _loss(ring_global, dout, dlse)(q, key, v)
+    ref_grads, (ref_out, ref_lse) = _loss(ref, dout, dlse)(q, key, v)
+    assert_close(out, ref_out)
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert_close(grad, ref_grad, grad=True)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda s: dataclasses.replace(s, block_map=s.block_map[:1]), ValueError, "spec.block_map must have shape"),
+        (lambda s: dataclasses.replace(s, kv_positions=s.kv_positions[:-1]), ValueError, "spec.q_positions and"),
+        (lambda s: dataclasses.replace(s, kv_vals=(s.kv_vals[0][:1],)), ValueError, "each of spec.kv_vals"),
+        (lambda s: dataclasses.replace(s, score_fn=lambda x, *_: x), ValueError, "takes no score mod"),
+        (lambda s: dataclasses.replace(s, array=jnp.ones((1, 1, 32, 32), bool)), ValueError, "no boolean-array"),
+        (lambda s: "causal", TypeError, "spec must be a pallas_kernels.mask_info.MaskSpec"),
+    ],
+)
+def test_ring_attention_checks_its_spec(change, error, message):
+    mask = aj.masks.segments(_segment_ids(t=64)) & CAUSAL
+    ring = _direct_ring(2, mask, 64, 16, dense_step_fwd, dense_step_bwd, spec_change=change)
+    q, key, v, _, _ = _inputs(0, 2, 64, 4, 2, 16, jnp.float32)
+    with pytest.raises(error, match=message):
+        ring(q, key, v)
+
+
+def test_ring_steps_are_objects():
+    """Each implementation's step is a RingStep referencing its functions (no module-name strings)."""
+    from attention_jax.functional import blockwise
+    from pallas_kernels import ring_flash_step
+
+    blockwise_step, pallas_step = distributed.ring_step("blockwise"), distributed.ring_step("pallas")
+    assert (blockwise_step.fwd, blockwise_step.bwd) == (blockwise.fwd, blockwise.bwd)
+    assert blockwise_step.check_vma
+    assert (pallas_step.fwd, pallas_step.bwd) == (ring_flash_step.step_fwd, ring_flash_step.step_bwd)
+    assert not pallas_step.check_vma  # pallas_call does not annotate how outputs vary over mesh axes
+    assert distributed.ring_step(None) is blockwise_step  # on CPU
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pallas_step.check_vma = True
 
 
 def test_merge_is_stable_for_large_and_empty_rows():
