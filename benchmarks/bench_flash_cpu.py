@@ -241,7 +241,7 @@ def main_table(points, have_torch, repeats, nn_max_t, dtype="float32") -> tuple[
         impls = ["blockwise"] + (["torch"] if have_torch else []) + (["jax_nn"] if t <= nn_max_t else [])
         items = [{"impl": i, "mode": m} for m in modes for i in impls] + [{"impl": "matmul", "mode": "fwd"}]
         # Long sequences: one timed round after the warm-up (minutes per round on 2 cores).
-        res = measure(t, k, items, mask=mask, repeats=1 if t >= 16384 else repeats, dtype=dtype)
+        res = measure(t, k, items, mask=mask, repeats=1 if t >= 8192 else repeats, dtype=dtype)
         matmul_s = _median(res, "matmul", "fwd")
         row = [str(t), mask, "MHA" if k == N else f"GQA K={k}"]
         rec = {"t": t, "mask": mask, "k": k, "load": res.get("load"), "error": res.get("error")}
@@ -291,7 +291,7 @@ def memory_table(ts) -> list[str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, print only (no RESULTS.md update)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -327,7 +327,8 @@ def main(argv=None) -> None:
         "exceeds ~2, which slows every column of a row alike (each row's implementations run interleaved in one "
         "process) but not every row alike.",
         "",
-        f"**float32**, B={B}, N={N}, H={H}; median of {args.repeats} after a warm-up; 'torch / ours' > 1 means ours "
+        f"**float32**, B={B}, N={N}, H={H}; median of {args.repeats} rounds after a warm-up (one round from T=8192); "
+        "'torch / ours' > 1 means ours "
         "is faster. 'ours / matmul rate': our attention flops per second (4BNTSH forward, halved when causal; 3.5x "
         f"that forward + backward) over a {MATMUL}x{MATMUL} float32 `jnp.dot` timed in the same rounds. "
         "jax.nn materialises T x T scores and runs only at small T; blank rows were not measured (time).",

@@ -200,9 +200,12 @@ def _prepare(query, key, value, spec: MaskSpec, shape, scale, softcap, bias, dro
         compute_dtype=_compute_dtype(query.dtype),
         dropout_rate=dropout_rate,
     )
+    # Keys and values once per call: in the matmul dtype (a bf16 tile would be converted at every
+    # visit) and transposed to [B, K, Sp, H], so that a key tile is one contiguous slice.
+    key, value = key.astype(cfg.compute_dtype), value.astype(cfg.compute_dtype)
     x = Operands(
         q=_pad_axis(query, 1, tp),
-        k=_pad_axis(key, 1, sp).transpose(0, 2, 1, 3),  # [B, K, Sp, H]: a key tile is one contiguous slice
+        k=_pad_axis(key, 1, sp).transpose(0, 2, 1, 3),
         v=_pad_axis(value, 1, sp).transpose(0, 2, 1, 3),
         bias=None if bias is None else _pad_broadcast(bias, tp, sp, 0),
         params=params,
