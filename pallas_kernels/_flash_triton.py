@@ -82,11 +82,12 @@ def _q_major_inputs(plan, table, q, k, v, bias, params):
             plan.row_seed, tuple(params))  # fmt: skip
 
 
-def _row_context(head_ref, seed_ref, param_refs, orient):
-    """What every tile of a row block needs for the score mod and dropout: ``(head, params, row seed)``."""
-    head = None if head_ref is None else orient(head_ref[...])
-    params = tuple(orient(r[...]) for r in param_refs)
-    seed = None if seed_ref is None else orient(seed_ref[...])
+def _row_context(head_ref, seed_ref, param_refs):
+    """Columns ``[bm, 1]`` every tile of a row block needs for the score mod and dropout:
+    ``(query heads, parameters, row seeds)`` (None / empty when the call has no such thing)."""
+    head = None if head_ref is None else _col(head_ref[...])
+    params = tuple(_col(r[...]) for r in param_refs)
+    seed = None if seed_ref is None else _col(seed_ref[...])
     return head, params, seed
 
 
@@ -114,7 +115,7 @@ def _fwd_kernel(
     q = q_ref[...]  # [bm, H]
     q_pos = _col(qpos_ref[...])  # [bm, 1]
     q_vals = tuple(_col(r[...]) for r in qv_refs)
-    head, params, seed = _row_context(head_ref, seed_ref, param_refs, _col)
+    head, params, seed = _row_context(head_ref, seed_ref, param_refs)
     batch = pl.program_id(1) if tm.score_fn is not None else None  # read outside the loops
 
     def step(t, carry, masked):
@@ -129,7 +130,7 @@ def _fwd_kernel(
         mask = None
         if masked:
             mask = _q_major_mask(tm, q_pos, q_vals, kv_pos, kvv_refs, array_ref, start, block_k, pad_kv, s2.shape)
-            if mask is not None:
+            if mask is not None:  # keys no row of this tile sees: zero their V rows (NaN-safe P @ V)
                 v = jnp.where(tm.seen_keys(mask, kv_major=False, reduce_first=True), v, jnp.zeros_like(v))
         return tm.online_softmax(s2, mask, m, denom, acc, v, tm.keep(seed, kv_pos))
 
@@ -285,7 +286,7 @@ def _dq_kernel(
     lse2, delta = _col(lse_ref[...]), _col(delta_ref[...])  # [bm, 1]
     q_pos = _col(qpos_ref[...])
     q_vals = tuple(_col(r[...]) for r in qv_refs)
-    head, params, seed = _row_context(head_ref, seed_ref, param_refs, _col)
+    head, params, seed = _row_context(head_ref, seed_ref, param_refs)
     batch = pl.program_id(1) if tm.score_fn is not None else None  # read outside the loops
 
     def step(t, carry, masked):

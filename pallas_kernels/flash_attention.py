@@ -693,6 +693,16 @@ def flash_attention_reference(
     Same semantics as :func:`flash_attention`: ``scale * q.k + bias``, then ``mask.score_fn``,
     softcap, the mask (``mask.dense``: function and array), softmax with an undropped ``lse``, and
     dropout with ``pallas_kernels.dropout.keep_mask`` bits. Differentiable (``score_params`` too).
+
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels.mask_info import MaskSpec
+    >>> alibi = lambda score, b, n, q_pos, kv_pos, params: score + params[0] * (kv_pos - q_pos)
+    >>> spec = MaskSpec(lambda q_pos, kv_pos, *_: kv_pos <= q_pos, jnp.ones((1, 1), jnp.int32), jnp.arange(4),
+    ...                 jnp.arange(4), block_q=4, block_k=4, score_fn=alibi, score_params=(jnp.array([0.5, 1.0]),))
+    >>> x = jnp.zeros((1, 4, 2, 8))  # [B, T, N, H]: scores are the ALiBi bias alone
+    >>> out, lse = flash_attention_reference(x, x, x, mask=spec)
+    >>> round(float(lse[0, 1, 1]), 4)  # log(e^-1 + e^0): head 1 has slope 1, key 0 is 1 behind
+    0.3133
     """
     b, t, n, h = q.shape
     s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]

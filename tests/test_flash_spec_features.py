@@ -59,7 +59,7 @@ def score_mod(name: str, n: int):
     """``(score_fn, score_params)`` of a named mod for ``n`` query heads."""
     heads = jnp.arange(1, n + 1, dtype=f32)
     if name == "alibi":
-        return alibi, (-0.1 * heads,)
+        return alibi, (0.1 * heads,)  # slopes: older keys lose score
     if name == "t5":
         return t5_buckets, tuple(jnp.sin(heads + i) for i in range(4))
     if name == "tanh":
