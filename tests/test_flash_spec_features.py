@@ -330,3 +330,18 @@ def test_block_steps_with_positions_score_mod_and_dropout():
     assert_close(jnp.where(finite, lse, 0), jnp.where(finite, ref_lse, 0))
     for g, rg in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert_close(g, rg, grad=True)
+
+
+def test_spec_shape_errors_name_the_field():
+    case = Case("errors", (4, 2), (24, 40), score="alibi", array="head")
+    spec = _spec(case)
+    q, key, v = _inputs(case)
+    bad = {
+        "score_params": dataclasses.replace(spec, score_params=(jnp.zeros(3),)),
+        "mask.array": dataclasses.replace(spec, array=jnp.ones((B, 3, 24, 40), bool)),
+        "mask.q_positions": dataclasses.replace(spec, q_positions=jnp.zeros((3, 24), jnp.int32)),
+        "mask.kv_positions": dataclasses.replace(spec, kv_positions=jnp.zeros((39,), jnp.int32)),
+    }
+    for name, bad_spec in bad.items():
+        with pytest.raises(ValueError, match=name):
+            flash_attention(q, key, v, mask=bad_spec, block_sizes=BLOCKS, interpret=True)
