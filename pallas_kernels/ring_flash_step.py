@@ -49,13 +49,26 @@ def default_block_sizes(q_len: int, kv_len: int, backend: str | None = None) -> 
     return mask_block_shape(BlockSizes.for_backend(body), q_len, kv_len)
 
 
-def step_fwd(q: Array, k: Array, v: Array, spec: MaskSpec, *, scale: float | None = None, softcap: float | None = None):
+def step_fwd(
+    q: Array,
+    k: Array,
+    v: Array,
+    spec: MaskSpec,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+):
     """One ring step: ``(out [B, T, N, Hv] float32 normalised by its own lse, lse [B, N, T] float32)``.
 
     ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]``; ``spec`` the mask of these queries
     against these keys (block map ``[ceil(T / block_q), ceil(S / block_k)]``, any tile size).
+    ``backend`` (``"gpu"``/``"tpu"``) and ``interpret`` as in
+    :func:`~pallas_kernels.flash_attention.resolve_backend` (bind them with ``functools.partial``,
+    e.g. to lower a ring for TPU on a CPU host).
     """
-    backend, interpret = resolve_backend()
+    backend, interpret = resolve_backend(backend, interpret)
     return flash_forward(
         q, k, v, mask=spec, scale=scale, softcap=softcap, backend=backend, interpret=interpret, out_dtype=jnp.float32
     )
@@ -72,13 +85,16 @@ def step_bwd(
     *,
     scale: float | None = None,
     softcap: float | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
 ):
     """One ring step's gradient contributions ``(dq, dk, dv)`` (float32) given the global statistics.
 
     ``lse [B, N, T]`` is the logsumexp of the whole attention (every step) and
-    ``delta [B, N, T] = rowsum(out * dout) - dlse`` with the whole output; ``dout [B, T, N, Hv]``.
+    ``delta [B, N, T] = rowsum(out * dout) - dlse`` with the whole output; ``dout [B, T, N, Hv]``;
+    ``backend`` and ``interpret`` as in :func:`step_fwd`.
     """
-    backend, interpret = resolve_backend()
+    backend, interpret = resolve_backend(backend, interpret)
     return flash_backward(
         q,
         k,

@@ -333,6 +333,53 @@ def test_ring_steps_are_objects():
         pallas_step.check_vma = True
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_ring_with_the_pallas_step_lowers(platform):
+    """The whole ring (forward and backward) with the Pallas step lowers for GPU (Triton) and TPU (Mosaic)."""
+    from pallas_kernels import ring_flash_step
+
+    backend = "tpu" if platform == "tpu" else "gpu"
+    step = {"backend": backend, "interpret": False}
+    p, t, n, k, h = 2, 512, 4, 2, 128
+    block_q, block_k = ring_flash_step.default_block_sizes(t // p // 2, t // p // 2, backend)
+    positions = layouts.layout_positions(t, p, "zigzag")
+    block_maps = distributed.ring_block_maps(CAUSAL, positions, positions, block_q, block_k)
+
+    def local(q, k, v, block_maps):
+        spec = mask_info.MaskSpec(
+            fn=CAUSAL.fn(t),
+            block_map=block_maps[0],
+            q_positions=layouts.shard_positions("sp", t, "zigzag"),
+            kv_positions=layouts.shard_positions("sp", t, "zigzag"),
+            block_q=block_q,
+            block_k=block_k,
+        )
+        return ring_attention(
+            q,
+            k,
+            v,
+            spec,
+            axis_name="sp",
+            step_fwd=functools.partial(ring_flash_step.step_fwd, **step),
+            step_bwd=functools.partial(ring_flash_step.step_bwd, **step),
+        )
+
+    seq = P(None, "sp")
+    ring = jax.shard_map(local, mesh=sp_mesh(p), in_specs=(seq, seq, seq, P("sp")), out_specs=seq, check_vma=False)
+    loss = lambda q, k, v, maps: ring(q, k, v, maps).astype(jnp.float32).sum()
+    args = (
+        jax.ShapeDtypeStruct((1, t, n, h), jnp.bfloat16),
+        jax.ShapeDtypeStruct((1, t, k, h), jnp.bfloat16),
+        jax.ShapeDtypeStruct((1, t, k, h), jnp.bfloat16),
+        block_maps,
+    )
+    call = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
+    forward = jax.jit(ring).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert forward.count(call) == 1  # the forward kernel, once in the ring's loop body
+    assert backward.count(call) == 3  # forward ring (residuals), then dq and dk/dv in the backward ring
+
+
 def test_merge_is_stable_for_large_and_empty_rows():
     from pallas_kernels.ring_attention import _merge
 
