@@ -1,11 +1,12 @@
 """Seeded property-based fuzz test: every path against one float64 numpy oracle, outputs and gradients.
 
 Random masks (structural, data, ``from_fn`` and their ``&``, ``|``, ``~`` combinations, data masks
-mixed with function masks), batch >= 2, lengths that are no multiple of any tile (1 included),
-offsets (static, traced under ``jit``, per sequence ``[B]``, negative), float32 and bfloat16, score mods (ALiBi, T5
-relative bias, softcap, ``from_fn``), dropout, and the implementations reference, blockwise and
-Pallas (interpreted) at *small* tiles, where tile-boundary defects show (the default CPU tiles cover
-these whole problems in one tile). Ring layouts run on the 8 CPU devices of ``conftest.py``.
+mixed with function masks, boolean arrays per head), additive biases, batch >= 2, lengths that are
+no multiple of any tile (1 included), offsets (static, traced under ``jit``, per sequence ``[B]``,
+negative), float32 and bfloat16, score mods (ALiBi, T5 relative bias, softcap, ``from_fn``),
+dropout, and the implementations reference, blockwise and Pallas (interpreted) at *small* tiles,
+where tile-boundary defects show (the default CPU tiles cover these whole problems in one tile).
+Ring layouts run on the 8 CPU devices of ``conftest.py``.
 
 The oracle (:func:`oracle`) is written here, independently of the library: float64 numpy, an
 explicit loop over batch and heads, the dense mask from ``mask.dense``, fully masked rows output 0
@@ -104,6 +105,9 @@ def build_mask(desc, b: int, t: int, s: int, kv_len: int | None = None):
         q_ids = np.sort(_rng(seed, 0).integers(0, 4, (b, t)), axis=1)
         kv_ids = q_ids if s == t else np.sort(_rng(seed, 1).integers(0, 4, (b, s)), axis=1)
         return m.segments(jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32))
+    if kind == "array":  # a boolean array [Bm, Nm, T, S] (per head when Nm = N), not a Mask
+        seed, bm, nm, density = args
+        return jnp.asarray(_rng(seed, 2).random((bm, nm, t, s)) < density)
     if kind == "padding":
         q_lengths, kv_lengths = args
         as_array = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
@@ -150,12 +154,22 @@ def mask_leaves(draw, b: int, t: int, s: int, kinds=LEAF_KINDS):
 
 
 @st.composite
-def mask_descs(draw, b: int, t: int, s: int):
-    """None, a leaf, a combination of two levels, or (often) a data mask combined with a ``from_fn`` mask."""
-    shape = draw(st.sampled_from(["none", "leaf", "tree", "tree", "data_fn", "data_fn"]))
+def mask_descs(draw, b: int, t: int, s: int, n: int | None = None):
+    """None, a leaf, a combination of two levels, (often) a data mask combined with a ``from_fn``
+    mask, or, given the heads ``n``, a boolean array ``[1 or B, 1 or N, T, S]``."""
+    shape = draw(st.sampled_from(["none", "leaf", "tree", "tree", "data_fn", "data_fn"] + ["array"] * (n is not None)))
     leaf = mask_leaves(b, t, s)
     if shape == "none":
         return None
+    if shape == "array":
+        density = draw(st.sampled_from([0.1, 0.5, 0.9]))
+        return (
+            "array",
+            draw(st.integers(0, 1000)),
+            draw(st.sampled_from([1, b])),
+            draw(st.sampled_from([1, n])),
+            density,
+        )
     if shape == "leaf":
         return draw(leaf)
     if shape == "data_fn":
@@ -256,8 +270,8 @@ def oracle_score(kind, raw, b, n, i, j, params, bidirectional=True):
 # -- the float64 oracle -------------------------------------------------------------------------------
 
 
-def oracle(q, k, v, dout, dlse, *, mask, scale, softcap=None, score=None, params=(), bidirectional=True,
-           q_pos, kv_pos, keep=None, rate=0.0):  # fmt: skip
+def oracle(q, k, v, dout, dlse, *, mask, scale, bias=None, softcap=None, score=None, params=(),
+           bidirectional=True, q_pos, kv_pos, keep=None, rate=0.0):  # fmt: skip
     """Outputs and gradients of ``L = sum(out * dout) + sum(finite(lse) * dlse)`` in float64.
 
     ``mask``: bool broadcastable to ``[B, N, T, S]`` or None; ``q_pos``/``kv_pos`` absolute positions
@@ -275,11 +289,13 @@ def oracle(q, k, v, dout, dlse, *, mask, scale, softcap=None, score=None, params
     out, lse = np.zeros((b_size, t, n_heads, hv)), np.full((b_size, n_heads, t), -np.inf)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     dparams = [np.zeros(np.shape(p)) for p in params]
+    full_bias = 0.0 if bias is None else np.broadcast_to(_f64(bias), (b_size, n_heads, t, s))
+    dbias = np.zeros((b_size, n_heads, t, s))
     for bi in range(b_size):
         i, j = q_pos[bi][:, None], kv_pos[bi][None, :]
         for n in range(n_heads):
             kh = n // group
-            raw = scale * q[bi, :, n] @ k[bi, :, kh].T  # [T, S]
+            raw = scale * q[bi, :, n] @ k[bi, :, kh].T + (0.0 if bias is None else full_bias[bi, n])  # [T, S]
             s1, dmod, acc = oracle_score(score, raw, bi, n, i, j, params, bidirectional)
             s2 = softcap * np.tanh(s1 / softcap) if softcap else s1
             visible = full[bi, n]
@@ -301,9 +317,13 @@ def oracle(q, k, v, dout, dlse, *, mask, scale, softcap=None, score=None, params
             ds1 = ds2 * (1.0 - np.tanh(s1 / softcap) ** 2) if softcap else ds2
             acc(dparams, ds1)
             draw = ds1 * dmod
+            dbias[bi, n] = draw
             dq[bi, :, n] = scale * draw @ k[bi, :, kh]
             dk[bi, :, kh] += scale * draw.T @ q[bi, :, n]
-    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, dparams=tuple(dparams))
+    if bias is not None:  # summed over the axes the bias broadcasts along
+        axes = tuple(a for a, size in enumerate(np.shape(bias)) if size == 1)
+        dbias = dbias.sum(axis=axes, keepdims=True)
+    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv, dparams=tuple(dparams), dbias=dbias)
 
 
 def _f64(x) -> np.ndarray:
@@ -317,6 +337,8 @@ def dense_mask(mask, t, s, q_offset=0, kv_offset=0):
     """``mask.dense`` as numpy ``[B or 1, 1, T, S]`` (None: everything visible)."""
     if mask is None:
         return None
+    if not isinstance(mask, m.Mask):  # a boolean array [Bm, Nm, T, S]
+        return np.asarray(mask)
     dense = np.asarray(mask.dense(t, s, q_offset, kv_offset))
     return dense[:, None] if dense.ndim == 3 else dense[None, None]
 
@@ -364,6 +386,8 @@ class Case:
     score: str | None = None  # None, "alibi", "t5", "softcap", "fn", "alibi+softcap"
     bidirectional: bool = True
     softcap: float | None = None
+    bias: tuple | None = None  # the shape of an additive bias, e.g. (1, N, T, S), or None
+    traced_data: bool = False  # the mask's arrays as jit arguments (traced) instead of constants
     dropout: float = 0.0
     implementation: str = "blockwise"
     block: int = 16
@@ -421,22 +445,28 @@ def run_case(case: Case) -> None:
     rng = jax.random.key(case.seed) if case.dropout else None
     implementation = _implementation(case)
 
-    def attention(q, k, v, params, q_offset, kv_offset):
+    bias = None if case.bias is None else jnp.asarray(_rng(case.seed, 3).standard_normal(case.bias), jnp.float32)
+
+    def attention(q, k, v, params, bias, mask, q_offset, kv_offset):
         out, lse = aj.dot_product_attention(
-            q, k, v, mask=mask, scale=scale, softcap=case.softcap,
+            q, k, v, mask=mask, bias=bias, scale=scale, softcap=case.softcap,
             score_mod=build_score_mod(case.score, params, case.bidirectional),
             q_offset=q_offset, kv_offset=kv_offset, implementation=implementation, return_lse=True,
             **(dict(dropout_rate=case.dropout, dropout_rng=rng) if case.dropout else {}),
         )  # fmt: skip
         return _loss(out, lse, dout, dlse), (out, lse)
 
-    grad = jax.grad(attention, argnums=(0, 1, 2, 3), has_aux=True)
+    grad = jax.grad(attention, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    # Traced (jit arguments) or static (closed over): the offsets, and the mask's data (segment ids,
+    # lengths, a boolean array), which then only the run-time paths of the backends can read.
+    offsets = (case.q_offset, case.kv_offset)
     if traced:
-        offsets = (jnp.asarray(case.q_offset, jnp.int32), jnp.asarray(case.kv_offset, jnp.int32))
-        grads, (out, lse) = jax.jit(grad)(q, k, v, params, *offsets)
-    else:
-        offsets = (case.q_offset, case.kv_offset)
-        grads, (out, lse) = jax.jit(lambda *a: grad(*a, *offsets))(q, k, v, params)
+        offsets = tuple(jnp.asarray(x, jnp.int32) for x in offsets)
+    dynamic, static = {}, {}
+    (dynamic if case.traced_data else static)["mask"] = mask
+    (dynamic if traced else static).update(q_offset=offsets[0], kv_offset=offsets[1])
+    run = jax.jit(lambda q, k, v, params, bias, dynamic: grad(q, k, v, params, bias, **dynamic, **static))
+    grads, (out, lse) = run(q, k, v, params, bias, dynamic)
 
     q_pos = q_offsets[:, None] + np.arange(case.t)  # [B, T]
     kv_pos = kv_offsets[:, None] + np.arange(case.s)  # [B, S]
@@ -451,7 +481,7 @@ def run_case(case: Case) -> None:
         rows = [dense_mask(mask, case.t, case.s, int(qo), int(ko)) for qo, ko in zip(q_offsets, kv_offsets)]
         dense = np.concatenate([r[min(b, r.shape[0] - 1)][None] for b, r in enumerate(rows)])
     want = oracle(
-        q, k, v, dout, dlse, mask=dense, scale=scale,
+        q, k, v, dout, dlse, mask=dense, scale=scale, bias=bias,
         softcap=case.softcap, score=case.score, params=params, bidirectional=case.bidirectional, q_pos=q_pos,
         kv_pos=kv_pos, keep=keep, rate=case.dropout,
     )  # fmt: skip
@@ -463,6 +493,8 @@ def run_case(case: Case) -> None:
         assert_matches(name, g, want[name], case.dtype, grad=True)
     for i, (g, w) in enumerate(zip(grads[3], want["dparams"])):
         assert_matches(f"d score_params[{i}]", g, w, case.dtype, grad=True)
+    if bias is not None:
+        assert_matches("dbias", grads[4], want["dbias"], case.dtype, grad=True)
 
 
 LENGTHS = st.sampled_from([1, 2, 5, 15, 17, 31, 33, 47, 50, 67])
@@ -483,11 +515,14 @@ def cases(draw, implementations=IMPLEMENTATIONS):
     heads = draw(st.sampled_from([(2, 1), (2, 2), (4, 2)]))
     h = draw(st.sampled_from([8, 16]))
     score = draw(st.sampled_from([None, None, "alibi", "t5", "softcap", "fn", "alibi+softcap"]))
+    n = heads[0]
+    bias = draw(st.sampled_from([None, None, None, (1, 1, t, s), (b, n, t, s), (1, n, 1, s), (b, 1, t, 1)]))
     return Case(
         b=b, t=t, s=s, heads=heads, h=h, hv=draw(st.sampled_from([h, 8])),
         dtype=draw(st.sampled_from(["float32", "float32", "bfloat16"])),
-        mask=draw(mask_descs(b, t, s)), offsets=offsets, q_offset=q_offset, kv_offset=kv_offset,
-        score=score, bidirectional=draw(st.booleans()), softcap=draw(st.sampled_from([None, None, 4.0])),
+        mask=draw(mask_descs(b, t, s, n)), offsets=offsets, q_offset=q_offset, kv_offset=kv_offset,
+        score=score, bidirectional=draw(st.booleans()), softcap=draw(st.sampled_from([None, None, 4.0])), bias=bias,
+        traced_data=draw(st.booleans()),
         dropout=draw(st.sampled_from([0.0, 0.0, 0.0, 0.3])),
         implementation=draw(st.sampled_from(implementations)), block=draw(st.sampled_from([8, 16])),
         seed=draw(st.integers(0, 2**16)),
@@ -543,6 +578,7 @@ class RingCase:
     mask: tuple | None = None
     softcap: float | None = None
     implementation: str = "blockwise"
+    traced_data: bool = False  # the mask's arrays as jit arguments
     seed: int = 0
 
 
@@ -554,14 +590,18 @@ def run_ring_case(case: RingCase) -> None:
     mask = None if case.mask is None else build_mask(case.mask, case.b, case.t, case.s)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[: case.p]), ("sp",))
 
-    def attention(q, k, v):
+    def attention(q, k, v, mask):
         out, lse = aj.sequence_parallel_attention(
             q, k, v, mesh=mesh, axis="sp", mask=mask, layout=case.layout, softcap=case.softcap,
             implementation=case.implementation, return_lse=True,
         )  # fmt: skip
         return _loss(out, lse, dout, dlse), (out, lse)
 
-    grads, (out, lse) = jax.jit(jax.grad(attention, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    grad = jax.grad(attention, argnums=(0, 1, 2), has_aux=True)
+    if case.traced_data:
+        grads, (out, lse) = jax.jit(grad)(q, k, v, mask)
+    else:
+        grads, (out, lse) = jax.jit(lambda q, k, v: grad(q, k, v, mask))(q, k, v)
     want = oracle(
         q, k, v, dout, dlse, mask=dense_mask(mask, case.t, case.s), scale=1.0 / np.sqrt(case.h),
         softcap=case.softcap, q_pos=np.arange(case.t), kv_pos=np.arange(case.s),
@@ -584,7 +624,8 @@ def ring_cases(draw, implementations=("blockwise",)):
         p=p, layout=layout, b=b, t=t, s=s, heads=draw(st.sampled_from([(2, 1), (2, 2), (4, 2)])),
         h=draw(st.sampled_from([8, 16])), dtype=draw(st.sampled_from(["float32", "float32", "bfloat16"])),
         mask=draw(mask_descs(b, t, s)), softcap=draw(st.sampled_from([None, None, 4.0])),
-        implementation=draw(st.sampled_from(implementations)), seed=draw(st.integers(0, 2**16)),
+        implementation=draw(st.sampled_from(implementations)), traced_data=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
     )  # fmt: skip
 
 
@@ -624,10 +665,11 @@ def test_the_oracle_against_a_hand_computed_case():
 
 
 def test_the_oracle_against_numerical_gradients():
-    """The oracle's hand-written backward (softcap, ALiBi, T5, user mod, dropout) against finite differences."""
+    """The oracle's hand-written backward (bias, softcap, ALiBi, T5, user mod, dropout) against finite differences."""
     r = np.random.default_rng(0)
     b, t, s, n, kh, h = 2, 5, 6, 2, 1, 3
     q, k, v = r.standard_normal((b, t, n, h)), r.standard_normal((b, s, kh, h)), r.standard_normal((b, s, kh, h))
+    bias = r.standard_normal((b, 1, 1, s))  # broadcast over heads and queries: its gradient sums over them
     dout, dlse = r.standard_normal((b, t, n, h)), r.standard_normal((b, n, t))
     mask = r.random((b, 1, t, s)) < 0.7
     keep = r.random((b, n, t, s)) < 0.7
@@ -636,24 +678,21 @@ def test_the_oracle_against_numerical_gradients():
         kw = dict(mask=mask, scale=0.7, softcap=3.0, score=score, bidirectional=False, q_pos=np.arange(t) + 3,
                   kv_pos=np.arange(s), keep=keep, rate=0.3)  # fmt: skip
 
-        def loss(q, k, v, params, kw=kw):
-            got = oracle(q, k, v, dout, dlse, params=params, **kw)  # numpy float64 end to end
+        def loss(q, k, v, bias, *params, kw=kw):
+            got = oracle(q, k, v, dout, dlse, bias=bias, params=params, **kw)  # numpy float64 end to end
             lse = got["lse"]
             return np.sum(got["out"] * dout) + np.sum(np.where(np.isfinite(lse), lse, 0.0) * dlse)
 
-        want = oracle(q, k, v, dout, dlse, params=params, **kw)
-        args = [q, k, v] + list(params)
-        names = ["dq", "dk", "dv"] + [f"dparams{i}" for i in range(len(params))]
-        for index, name in enumerate(names):
-            analytic = want[name] if index < 3 else want["dparams"][index - 3]
-            flat = args[index].reshape(-1)
-            for e in r.choice(flat.size, size=min(flat.size, 6), replace=False):
-                bumped = [a.copy() for a in args]
+        want = oracle(q, k, v, dout, dlse, bias=bias, params=params, **kw)
+        args = [q, k, v, bias, *params]
+        analytic = [want["dq"], want["dk"], want["dv"], want["dbias"], *want["dparams"]]
+        for index, grad in enumerate(analytic):
+            for e in r.choice(grad.size, size=min(grad.size, 6), replace=False):
+                bumped, lowered = [a.copy() for a in args], [a.copy() for a in args]
                 bumped[index].reshape(-1)[e] += 1e-6
-                lowered = [a.copy() for a in args]
                 lowered[index].reshape(-1)[e] -= 1e-6
-                numeric = (loss(*bumped[:3], tuple(bumped[3:])) - loss(*lowered[:3], tuple(lowered[3:]))) / 2e-6
-                np.testing.assert_allclose(analytic.reshape(-1)[e], numeric, rtol=1e-5, atol=1e-6, err_msg=name)
+                numeric = (loss(*bumped) - loss(*lowered)) / 2e-6
+                np.testing.assert_allclose(grad.reshape(-1)[e], numeric, rtol=1e-5, atol=1e-6, err_msg=f"arg {index}")
 
 
 # -- regression tests: one per defect the fuzzing of issue 12 found -------------------------------------
