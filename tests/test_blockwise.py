@@ -539,7 +539,7 @@ def test_spec_is_validated_and_blocks_are_fitted():
         blockwise.attention(q, k, v, dataclasses.replace(spec, block_q=8), scale=1.0)
     with pytest.raises(ValueError, match="score_params"):
         blockwise.attention(q, k, v, dataclasses.replace(spec, score_fn=_alibi, score_params=(jnp.ones(3),)), scale=1.0)
-    assert blockwise.default_block_sizes(1000, 100, "cpu") == (250, 100)
+    assert blockwise.default_block_sizes(1000, 100, "cpu") == (500, 100)
 
 
 def test_a_hand_built_spec_without_a_mask_function():
