@@ -106,6 +106,7 @@ def attention(
     bias: Array | None = None,
     dropout_rate: float = 0.0,
     dropout_seed: Array | None = None,
+    shape: _checks.AttentionShape | None = None,
 ) -> tuple[Array, Array]:
     """Blockwise attention: ``(out [B, T, N, Hv] in query.dtype, lse [B, N, T] float32)``.
 
@@ -118,11 +119,13 @@ def attention(
       bias: additive float bias broadcastable to ``[B, N, T, S]`` (differentiable).
       dropout_rate: static probability of dropping an attention weight.
       dropout_seed: int32 scalar seed of the dropout hash (required when ``dropout_rate > 0``).
+      shape: the sizes ``dot_product_attention`` already validated (None: validate here), so a
+        call is validated once.
 
     Differentiable in ``query``, ``key``, ``value``, ``bias``, ``spec.score_params`` and an array
     ``scale``. The logsumexp ignores dropout (dropout acts on the normalised weights).
     """
-    shape = _checks.check_qkv(query, key, value)
+    shape = _checks.check_qkv(query, key, value) if shape is None else shape
     dropout_rate = _check_dropout(dropout_rate, dropout_seed)
     cfg, x, sched = _prepare(query, key, value, spec, shape, scale, softcap, bias, dropout_rate, dropout_seed)
     diff = (x.q, x.k, x.v, x.bias, x.params, x.scale)

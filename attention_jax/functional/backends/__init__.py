@@ -25,7 +25,7 @@ from attention_jax.functional.backends.reference import Reference
 __all__ = ["BACKENDS", "Backend", "Blockwise", "Call", "Cudnn", "Pallas", "Reference", "auto_order", "get"]
 
 # Below this many scores per (batch, head) the dense reference compiles faster and runs about as
-# fast; from T = S = 256 the blockwise path is already 2x faster on CPU (benchmarks/RESULTS.md).
+# fast; from T = S = 256 the blockwise path was 2x faster on CPU (bench_flash_cpu.py crossover, 2026-11-22).
 REFERENCE_MAX_SCORES = 128 * 128
 
 BACKENDS: dict[str, Backend] = {

@@ -44,5 +44,5 @@ class Blockwise(Backend):
     def __call__(self, call: Call, spec: MaskSpec):
         return blockwise.attention(
             call.query, call.key, call.value, spec, scale=call.scale, softcap=call.softcap, bias=call.bias,
-            dropout_rate=call.dropout_rate, dropout_seed=call.dropout_seed,
+            dropout_rate=call.dropout_rate, dropout_seed=call.dropout_seed, shape=call.shape,
         )  # fmt: skip
