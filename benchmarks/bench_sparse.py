@@ -5,7 +5,8 @@ block per side, one global block, two random blocks) masks from ``attention_jax.
 and causal attention measured in the same run. For each pattern: the median forward time at T and at 2T, their
 ratio (2 for O(T * w), 4 for O(T^2)), and the share of tiles the block map leaves to visit. Two tilings: the
 default of ``dot_product_attention(..., implementation="blockwise")`` (512 x 512 on CPU) and 128 x 128 tiles
-(``aj.functional.backends.Blockwise(block_q=128, block_k=128)``), which BigBird's 128-position blocks need to be skipped.
+(``aj.functional.backends.Blockwise(block_q=128, block_k=128)``), which BigBird's 128-position blocks
+need to be skipped.
 
 float32, B=1, N=8, K=2 (GQA), H=64; medians of 5 calls after a warm-up (compilation) call, every (pattern, T)
 interleaved round by round so that a change of machine load hits them alike.
