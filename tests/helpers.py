@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention_jax.functional import backends
+
 # Tolerances for comparing a fast path (or a low-precision input) against the float32 reference.
 # bf16 keeps 8 bits of mantissa: outputs of a softmax-weighted mean are good to ~1e-2.
 TOLERANCES = {
@@ -88,3 +90,16 @@ def naive_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, 
                 lse[b, n, i] = m + np.log(weights.sum())
                 out[b, i, n] = (weights / weights.sum()) @ v[b, visible, kv_head, :]
     return out, lse
+
+
+class RecordingBackend(backends.Blockwise):
+    """The blockwise backend, keeping the MaskSpecs it receives (to inspect what the resolver built)."""
+
+    def __init__(self, block_q=None, block_k=None):
+        object.__setattr__(self, "block_q", block_q)
+        object.__setattr__(self, "block_k", block_k)
+        object.__setattr__(self, "specs", [])
+
+    def __call__(self, call, spec):
+        self.specs.append(spec)
+        return super().__call__(call, spec)

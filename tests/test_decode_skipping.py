@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import RecordingBackend
 
 import attention_jax as aj
 from attention_jax.functional import backends
@@ -18,19 +19,6 @@ from pallas_kernels.mask_info import EMPTY
 
 D, WINDOW, CAPACITY, BLOCK_K = 16, 24, 512, 32
 PROMPT = (300, 170)
-
-
-class Recording(backends.Blockwise):
-    """The blockwise backend, keeping the specs it receives."""
-
-    def __init__(self, block_q=None, block_k=None):
-        object.__setattr__(self, "block_q", block_q)
-        object.__setattr__(self, "block_k", block_k)
-        object.__setattr__(self, "specs", [])
-
-    def __call__(self, call, spec):
-        self.specs.append(spec)
-        return super().__call__(call, spec)
 
 
 def _layer(implementation):
@@ -49,7 +37,7 @@ def _prefilled(layer, kind):
 
 @pytest.mark.parametrize("kind", ["dense", "paged"])
 def test_a_decode_step_visits_only_the_window(kind):
-    rec = Recording(block_q=16, block_k=BLOCK_K)
+    rec = RecordingBackend(block_q=16, block_k=BLOCK_K)
     layer = _layer(rec)
     cache = _prefilled(layer, kind)
     rec.specs.clear()

@@ -9,26 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, random_qkv
+from helpers import RecordingBackend, assert_close, random_qkv
 
 import attention_jax as aj
 from attention_jax import masks
 from attention_jax.functional import _checks, backends, dot_product, resolve
 from pallas_kernels import mask_info
-
-
-class Recording(backends.Blockwise):
-    """A blockwise backend that keeps the specs it receives (to inspect what the resolver built)."""
-
-    def __init__(self, block_q=None, block_k=None):
-        object.__setattr__(self, "block_q", block_q)
-        object.__setattr__(self, "block_k", block_k)
-        object.__setattr__(self, "specs", [])
-
-    def __call__(self, call, spec):
-        self.specs.append(spec)
-        return super().__call__(call, spec)
-
 
 # -- selection ---------------------------------------------------------------------------------------
 
@@ -75,7 +61,7 @@ def test_unknown_implementation_is_named():
 
 def test_a_backend_instance_runs_with_its_configuration():
     q, k, v = random_qkv(4, b=2, t=70, n=4, k=2, h=16)
-    rec = Recording(block_q=16, block_k=32)
+    rec = RecordingBackend(block_q=16, block_k=32)
     out = aj.dot_product_attention(q, k, v, mask=masks.causal(), implementation=rec)
     assert (rec.specs[0].block_q, rec.specs[0].block_k) == (16, 32)
     assert_close(out, aj.dot_product_attention(q, k, v, mask=masks.causal(), implementation="reference"))
