@@ -58,11 +58,6 @@ class Call:
     dropout_seed: Array | None = None
     return_lse: bool = False
 
-    @property
-    def static_offsets(self) -> bool:
-        """Whether both offsets are known at trace time (Python or numpy integers)."""
-        return all(_static_int(x) is not None for x in (self.q_offset, self.kv_offset))
-
 
 def _static_int(x) -> int | None:
     try:
