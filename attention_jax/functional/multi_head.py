@@ -36,6 +36,7 @@ def multi_head_attention(
     kv_offset: int | Array = 0,
     kv_valid: Array | None = None,
     implementation: str | None = None,
+    sequence_parallel: Any = None,
     return_weights: bool = False,
 ):
     """Attention with sinks, dropout, per-sequence offsets and cache validity.
@@ -50,6 +51,8 @@ def multi_head_attention(
       q_offset, kv_offset: absolute position of the first query / key, an int or ``[B]`` (one per
         sequence, as a cache's :class:`~attention_jax.cache.KVView` gives them).
       kv_valid: ``[B, S]`` which key slots exist (a cache's written slots).
+      sequence_parallel: an :class:`attention_jax.distributed.SequenceParallel`: shard the
+        sequence over a mesh axis (ring, all-to-all or both); None: one device.
       return_weights: also return the attention weights ``[B, N, T, S]`` float32, recomputed with
         ``attention_weights`` (sinks included, dropout not).
 
@@ -71,6 +74,8 @@ def multi_head_attention(
         if jnp.shape(kv_valid) != expected:
             raise ValueError(f"kv_valid must have shape [B, S]={expected}, got kv_valid.shape={jnp.shape(kv_valid)}.")
         mask = _and_valid(mask, kv_valid)
+    if sequence_parallel is not None:
+        raise NotImplementedError("sequence_parallel is being built (issue 13).")
     if not dropout_rate or dropout_rng is None:  # deterministic: no dropout
         dropout_rate, dropout_rng = 0.0, None
     common = dict(bias=bias, mask=mask, scale=scale, softcap=softcap, score_mod=score_mod, q_offset=q_offset,

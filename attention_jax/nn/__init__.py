@@ -1,9 +1,10 @@
 """Flax NNX attention modules: thin shells (parameters) over the functional ops.
 
-Every transformer attention module takes keyword-only configuration and ``rngs``, is called as
-``layer(x, *, mask=None, positions=None, lengths=None, cache=None, deterministic=None)`` and
-returns ``y``, or ``(y, cache)`` when given a cache from ``layer.init_cache(batch, max_length)``.
-The transformer stacks accept any module following that protocol (see ``blocks.AttentionFactory``).
+Every transformer attention module follows one protocol, :class:`AttentionLayer` (its docstring is
+the contract): ``layer(inputs_q, inputs_kv=None, *, mask, positions, segment_ids, lengths, cache,
+deterministic)`` returns ``y``, or ``(y, cache)`` when given a cache from
+``layer.init_cache(batch, max_length)``. The transformer stacks accept any module following it
+(see ``blocks.AttentionFactory``).
 Attention weights can be recorded without changing model code: see ``record_attention_weights``.
 """
 
@@ -15,6 +16,7 @@ from attention_jax.nn.lowrank import Linformer, Nystromformer
 from attention_jax.nn.multi_head import MultiHeadAttention
 from attention_jax.nn.nsa import NativeSparseAttention
 from attention_jax.nn.positional_attention import PositionalAttention
+from attention_jax.nn.protocol import AttentionLayer
 from attention_jax.nn.recording import record_attention_weights
 from attention_jax.nn.recurrent import AdditiveAttention, LuongAttention, Seq2SeqWithAttention
 from attention_jax.nn.sparse import BigBirdAttention, LongformerAttention, SparseTransformerAttention
@@ -30,6 +32,7 @@ from attention_jax.nn.vision import (
 
 __all__ = [
     "AdditiveAttention",
+    "AttentionLayer",
     "AttentionFactory",
     "BigBirdAttention",
     "CBAM",

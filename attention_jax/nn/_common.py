@@ -32,19 +32,38 @@ def check_positive(**values: Any) -> None:
             raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
 
 
-def layer_mask(mask: masks_lib.Mask | Array | None, sliding_window: int | None):
-    """The layer's mask: ``mask`` and, if set, a causal window of ``sliding_window`` previous tokens."""
-    if sliding_window is None:
+def layer_mask(mask: masks_lib.Mask | Array | None, sliding_window: int | None, pattern: masks_lib.Mask | None = None):
+    """The call's mask under the layer's structural restrictions.
+
+    ``mask`` (the call's, or the layer's default) is ANDed with ``pattern`` (a sparse pattern such as
+    Longformer's, always applied) and, if set, a causal window of ``sliding_window`` previous tokens.
+    """
+    restrictions = [r for r in (pattern, None if sliding_window is None else masks_lib.causal()
+                                & masks_lib.sliding_window(sliding_window)) if r is not None]  # fmt: skip
+    if not restrictions:
         return mask
-    window = masks_lib.causal() & masks_lib.sliding_window(sliding_window)
+    restriction = restrictions[0] if len(restrictions) == 1 else restrictions[0] & restrictions[1]
     if mask is None:
-        return window
+        return restriction
     if not isinstance(mask, masks_lib.Mask):
         raise ValueError(
-            f"a layer with sliding_window={sliding_window} takes a Mask (positions are known to it), not a boolean "
-            f"array of shape {jnp.shape(mask)}; put the window into the array yourself or pass a Mask."
+            f"a layer with a structural mask ({restriction!r}) takes a Mask (positions are known to it), not a "
+            f"boolean array of shape {jnp.shape(mask)}; put the restriction into the array yourself or pass a Mask."
         )
-    return mask & window
+    return mask & restriction
+
+
+def segmented(mask, segment_ids: Array | None):
+    """Add packed-document isolation (``segment_ids [B, T]``) to a self-attention mask."""
+    if segment_ids is None:
+        return mask
+    seg = masks_lib.segments(segment_ids)
+    if mask is None:
+        return seg
+    if isinstance(mask, masks_lib.Mask):
+        return mask & seg
+    t = segment_ids.shape[-1]
+    return mask & seg.dense(t, t)[:, None]
 
 
 def padded(mask, lengths: Array | None):
@@ -169,3 +188,49 @@ def dropout_key(module, deterministic: bool | None, rngs: nnx.Rngs | None) -> Ar
             "attention dropout needs rngs: pass rngs= to the call or build the module with dropout_rate > 0."
         )
     return module.rngs()
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """``[B, T]`` position of each token within its segment (0 at each segment's first token).
+
+    >>> segment_positions(jnp.array([[0, 0, 1, 1, 1, 2]])).tolist()
+    [[0, 1, 0, 1, 2, 0]]
+    """
+    t = segment_ids.shape[-1]
+    index = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+    return index - start_index
+
+
+def check_segment_ids(segment_ids: Any, x: Array) -> Array | None:
+    """``segment_ids`` must be integers ``[B, T]`` matching ``x [B, T, D]``."""
+    if segment_ids is None:
+        return None
+    if jnp.shape(segment_ids) != x.shape[:2] or not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+        raise ValueError(
+            f"segment_ids must be integers of shape [B, T]={x.shape[:2]}, got {jnp.result_type(segment_ids)} "
+            f"{jnp.shape(segment_ids)}."
+        )
+    return jnp.asarray(segment_ids)
+
+
+def causal_from_mask(module, mask, default: bool) -> bool:
+    """Whether a layer that is not attention under a mask runs causally for this call's ``mask``.
+
+    ``None`` keeps the layer's ``default``; ``masks.full()`` is bidirectional and ``masks.causal()``
+    causal; any other mask raises the protocol's ``ValueError`` naming the module and ``mask``.
+    """
+    if mask is None:
+        return default
+    if isinstance(mask, masks_lib.Mask):
+        if mask == masks_lib.causal():
+            return True
+        if mask == masks_lib.full():
+            return False
+    raise ValueError(
+        f"{type(module).__name__} cannot take mask={mask!r}: it is not softmax attention under a mask, so it "
+        "honours only None, masks.full() and masks.causal()."
+    )

@@ -1,11 +1,17 @@
-"""The projections every multi-head variant of issue 6 shares: ``x [B, T, D]`` to heads and back."""
+"""Projections shared by the attention variants: ``x [B, T, D]`` to heads and back, in MHA's layout.
+
+Every variant that projects queries, keys and values holds them as ``query``, ``key``, ``value``
+and ``out`` with :class:`~attention_jax.nn.MultiHeadAttention`'s kernel shapes (``[D, N, H]``,
+``[D, K, H]``, ``[D, K, Hv]`` and ``[N, Hv, D_out]``), so a checkpoint's projections load into any
+of them and a layer can be swapped without converting parameters.
+"""
 
 from __future__ import annotations
 
 import jax
 from flax import nnx
 
-from attention_jax.nn._common import check_positive
+from attention_jax.nn._common import check_positive, default_bias_init, default_kernel_init
 
 Array = jax.Array
 
@@ -16,14 +22,15 @@ def positive_int(name: str, value) -> int:
     return value
 
 
-class HeadProjections(nnx.Module):
-    """Query/key/value projections to ``[B, T, N, H]`` / ``[B, S, K, H]`` / ``[B, S, K, Hv]`` and the output one.
+class ProjectedHeads(nnx.Module):
+    """Base of the attention variants: builds ``query``/``key``/``value``/``out`` and splits into heads.
 
-    ``head_dim`` defaults to ``in_features // num_heads``; ``num_kv_heads`` to ``num_heads`` (K must divide N).
-    With ``query_key=False`` only values and the output are projected (content-independent attention).
+    Subclasses call :meth:`init_projections` in ``__init__``. ``head_dim`` defaults to
+    ``in_features // num_heads``; ``num_kv_heads`` to ``num_heads`` (K must divide N). With
+    ``query_key=False`` only values and the output are projected (content-independent attention).
     """
 
-    def __init__(
+    def init_projections(
         self,
         in_features: int,
         num_heads: int,
@@ -34,8 +41,10 @@ class HeadProjections(nnx.Module):
         out_features: int | None = None,
         query_key: bool = True,
         use_bias: bool = False,
+        dtype=None,
+        param_dtype=None,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         positive_int("in_features", in_features)
         positive_int("num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else positive_int("num_kv_heads", num_kv_heads)
@@ -50,32 +59,41 @@ class HeadProjections(nnx.Module):
         head_dim = positive_int("head_dim", head_dim)
         value_head_dim = head_dim if value_head_dim is None else positive_int("value_head_dim", value_head_dim)
         out_features = in_features if out_features is None else positive_int("out_features", out_features)
-        self.in_features = in_features
+        self.in_features, self.out_features = in_features, out_features
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.value_head_dim = head_dim, value_head_dim
-        linear = lambda i, o: nnx.Linear(i, o, use_bias=use_bias, rngs=rngs)
-        self.query = nnx.data(linear(in_features, num_heads * head_dim) if query_key else None)
-        self.key = nnx.data(linear(in_features, num_kv_heads * head_dim) if query_key else None)
-        self.value = linear(in_features, num_kv_heads * value_head_dim)
-        self.out = linear(num_heads * value_head_dim, out_features)
-
-    def split(self, y: Array, heads: int) -> Array:
-        """``[B, T, heads * dim] -> [B, T, heads, dim]``."""
-        return y.reshape(*y.shape[:-1], heads, y.shape[-1] // heads)
+        dense = dict(
+            use_bias=use_bias, dtype=dtype, param_dtype=param_dtype or "float32", kernel_init=default_kernel_init,
+            bias_init=default_bias_init, rngs=rngs,
+        )  # fmt: skip
+        self.query = nnx.data(nnx.LinearGeneral(in_features, (num_heads, head_dim), **dense) if query_key else None)
+        self.key = nnx.data(nnx.LinearGeneral(in_features, (num_kv_heads, head_dim), **dense) if query_key else None)
+        self.value = nnx.LinearGeneral(in_features, (num_kv_heads, value_head_dim), **dense)
+        self.out = nnx.LinearGeneral((num_heads, value_head_dim), out_features, axis=(-2, -1), **dense)
 
     def queries(self, x: Array) -> Array:
-        return self.split(self.query(x), self.num_heads)  # [B, T, N, H]
+        return self.query(x)  # [B, T, N, H]
 
     def keys(self, x: Array) -> Array:
-        return self.split(self.key(x), self.num_kv_heads)  # [B, S, K, H]
+        return self.key(x)  # [B, S, K, H]
 
     def values(self, x: Array) -> Array:
-        return self.split(self.value(x), self.num_kv_heads)  # [B, S, K, Hv]
+        return self.value(x)  # [B, S, K, Hv]
 
-    def __call__(self, x: Array) -> tuple[Array, Array, Array]:
+    def project(self, x: Array) -> tuple[Array, Array, Array]:
         """``(q, k, v)`` of self-attention over ``x [B, T, D]``."""
         return self.queries(x), self.keys(x), self.values(x)
 
     def merge(self, y: Array) -> Array:
         """``[B, T, N, Hv] -> [B, T, out_features]``."""
-        return self.out(y.reshape(*y.shape[:-2], -1))
+        return self.out(y)
+
+
+class HeadProjections(ProjectedHeads):
+    """The projections as a child module (``layer.heads``); being replaced by subclassing ``ProjectedHeads``."""
+
+    def __init__(self, in_features: int, num_heads: int, *, rngs: nnx.Rngs, **options):
+        self.init_projections(in_features, num_heads, rngs=rngs, **options)
+
+    def __call__(self, x: Array) -> tuple[Array, Array, Array]:
+        return self.project(x)

@@ -41,6 +41,9 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
       mask: an :class:`attention_jax.masks.Mask` (or boolean array) of the layer, e.g. ``causal()``.
       sliding_window: if set, also restrict each query to the ``sliding_window`` previous tokens
         (``causal() & sliding_window(w)``); such a layer can decode with a ``RollingKVCache``.
+      pattern: a :class:`~attention_jax.masks.Mask` that always applies, ANDed with the call's (or
+        the default) mask: a sparse pattern from :mod:`attention_jax.sparse_patterns` (this is how
+        ``LongformerAttention``, ``BigBirdAttention`` and ``SparseTransformerAttention`` are built).
       scale: score scale, default ``1 / sqrt(H)``.
       dropout_rate: dropout on the attention weights when not ``deterministic``.
       deterministic: default for the call; ``model.eval()`` / ``model.train()`` set it.
@@ -48,6 +51,8 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
       dtype, param_dtype, precision, kernel_init, bias_init: as in ``flax.nnx.LinearGeneral``.
       implementation: passed to ``dot_product_attention``: None chooses, or a backend name or
         ``attention_jax.functional.backends.Backend`` instance.
+      sequence_parallel: an :class:`attention_jax.distributed.SequenceParallel` to shard the
+        attention's sequence over a mesh (ring, all-to-all or both); None runs it on one device.
       record_weights: record the attention weights (see :mod:`attention_jax.nn.recording`).
       rngs: ``nnx.Rngs`` for the parameters (and the ``dropout`` stream).
 
@@ -89,6 +94,7 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
         sinks: bool = False,
         mask: masks_lib.Mask | Array | None = None,
         sliding_window: int | None = None,
+        pattern: masks_lib.Mask | None = None,
         scale: float | None = None,
         dropout_rate: float = 0.0,
         deterministic: bool = False,
@@ -99,6 +105,7 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
         kernel_init: Any = _common.default_kernel_init,
         bias_init: Any = _common.default_bias_init,
         implementation: str | Any | None = None,
+        sequence_parallel: Any = None,
         record_weights: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -113,6 +120,8 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}.")
         if sliding_window is not None:
             _common.check_positive(sliding_window=sliding_window)
+        if pattern is not None and not isinstance(pattern, masks_lib.Mask):
+            raise ValueError(f"pattern must be an attention_jax.masks.Mask, got {type(pattern).__name__}.")
         self.in_features = in_features
         self.kv_features = in_features if kv_features is None else kv_features
         self.out_features = in_features if out_features is None else out_features
@@ -122,7 +131,8 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
         self.relative_buckets = relative_buckets
         self.relative_max_distance, self.relative_bidirectional = relative_max_distance, relative_bidirectional
         self.mask = _common.as_attribute(mask)
-        self.sliding_window = sliding_window
+        self.sliding_window, self.pattern = sliding_window, _common.as_attribute(pattern)
+        self.sequence_parallel = sequence_parallel
         self.dropout_rate, self.deterministic = dropout_rate, deterministic
         self.dtype, self.param_dtype = dtype, param_dtype
         self.implementation, self.record_weights = implementation, record_weights
@@ -169,6 +179,7 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
         *,
         mask: masks_lib.Mask | Array | None = None,
         positions: Array | None = None,
+        segment_ids: Array | None = None,
         lengths: Array | None = None,
         cache=None,
         deterministic: bool | None = None,
@@ -178,9 +189,15 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
     ):
         """Attend from ``inputs_q [B, T, D]`` to ``inputs_kv [B, S, Dkv]`` (default: self-attention).
 
+        The arguments follow :class:`attention_jax.nn.AttentionLayer`.
+
         Args:
-          mask: replaces the constructor's mask for this call (the sliding window still applies).
-          positions: ``[T]`` or ``[B, T]`` positions for RoPE (default ``arange(T)``); not with a cache.
+          mask: replaces the constructor's mask for this call (the sliding window and the pattern
+            still apply).
+          positions: ``[T]`` or ``[B, T]`` positions for RoPE (default ``arange(T)``, or the
+            position within each segment); not with a cache.
+          segment_ids: ``[B, T]`` packed documents of self-attention: tokens attend within their
+            segment only.
           lengths: ``[B]`` real tokens of ``inputs_q`` (right padding): later keys are masked, and
             with a cache only these tokens are appended.
           cache: a cache from :meth:`init_cache`; the call then returns ``(y, new_cache)``.
@@ -197,6 +214,8 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
                 raise ValueError("cross-attention takes no cache: its keys come from inputs_kv at every step.")
             if lengths is not None:
                 raise ValueError("lengths pads self-attention; mask a padded context with masks.padding(kv_lengths=).")
+            if segment_ids is not None:
+                raise ValueError("segment_ids packs self-attention; mask packed contexts with masks.segments(q, kv).")
             if inputs_kv.shape[0] != inputs_q.shape[0]:
                 raise ValueError(f"inputs_q and inputs_kv must share B, got {inputs_q.shape} and {inputs_kv.shape}.")
         context = inputs_kv if cross else inputs_q
@@ -205,19 +224,24 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
         value = self.value(context)  # [B, S, K, Hv]
         if self.query_norm is not None:
             query, key = self.query_norm(query), self.key_norm(key)
+        segment_ids = _common.check_segment_ids(segment_ids, inputs_q)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids packs documents for training; a cache decodes one sequence per row.")
+        if positions is None and segment_ids is not None:
+            positions = _common.segment_positions(segment_ids)
         q_positions = _common.positions_for(inputs_q, positions, cache)
         if self.rope is not None:
             query = _common.rotate(self.rope, query, q_positions)
             key = _common.rotate(self.rope, key, jnp.arange(context.shape[1]) if cross else q_positions)
 
-        mask = _common.layer_mask(self.mask if mask is None else mask, self.sliding_window)
+        mask = _common.layer_mask(self.mask if mask is None else mask, self.sliding_window, self.pattern)
         offsets = {}
         if cache is not None:
             cache, view = cache.update(key, value, lengths=lengths)
             key, value = view.keys.astype(query.dtype), view.values.astype(query.dtype)
             offsets = view.offsets()
         elif not cross:
-            mask = _common.padded(mask, lengths)
+            mask = _common.segmented(_common.padded(mask, lengths), segment_ids)
         record = recording.should_record(record_weights, self.record_weights)
         dropout_rng = _common.dropout_key(self, deterministic, rngs)
         out = multi_head_attention(
@@ -232,6 +256,7 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,
             implementation=self.implementation if implementation is None else implementation,
+            sequence_parallel=self.sequence_parallel,
             return_weights=record,
             **offsets,
         )
