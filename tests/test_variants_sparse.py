@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from helpers import assert_close, naive_attention
 
+import attention_jax as aj
 from attention_jax import masks, sparse_patterns
 from attention_jax.functional.sparse import bigbird_attention, longformer_attention, sparse_transformer_attention
 from attention_jax.nn.sparse import BigBirdAttention, LongformerAttention, SparseTransformerAttention
@@ -113,6 +114,123 @@ def test_gradients_of_the_blockwise_path_match_the_reference():
     chex.assert_trees_all_close(grads("blockwise"), reference, atol=1e-4, rtol=1e-4)
 
 
+PRESETS = {  # name -> (preset factory, its pattern and default mask as MultiHeadAttention keywords)
+    "longformer": (
+        functools.partial(LongformerAttention, window=2, global_tokens=(0, 5), dilation=1, causal=True),
+        dict(pattern=sparse_patterns.longformer(2, global_tokens=(0, 5)), mask=masks.causal()),
+    ),
+    "bigbird": (  # max_length fixes the random blocks' key length: the pattern of any call length, and decoding
+        functools.partial(BigBirdAttention, block=3, random_blocks=1, seed=2, max_length=24, causal=True),
+        dict(
+            pattern=sparse_patterns.bigbird(3, random_blocks=0, seed=2) | masks.random_blocks(3, 1, 2, kv_len=24),
+            mask=masks.causal(),
+        ),  # fmt: skip
+    ),
+    "strided": (
+        functools.partial(SparseTransformerAttention, pattern="strided", stride=3),
+        dict(pattern=sparse_patterns.strided(3, causal=False), mask=masks.causal()),
+    ),
+}
+D = 16
+
+
+def _pair(name, **options):
+    """A preset and a MultiHeadAttention with its pattern and the same parameters."""
+    make, pattern = PRESETS[name]
+    preset = make(D, 4, num_kv_heads=2, rope=aj.positional.RoPE(), rngs=nnx.Rngs(0), **options)
+    mha = aj.nn.MultiHeadAttention(D, num_heads=4, num_kv_heads=2, rope=aj.positional.RoPE(), rngs=nnx.Rngs(1),
+                                   **pattern, **options)  # fmt: skip
+    nnx.update(mha, nnx.state(preset, nnx.Param))
+    return preset, mha
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_multi_head_attention_under_their_pattern(name):
+    preset, mha = _pair(name)
+    assert isinstance(preset, aj.nn.MultiHeadAttention) and isinstance(preset, aj.nn.AttentionLayer)
+    x = randn(6, 2, 12, D)
+    lengths = jnp.array([12, 7])
+    run = nnx.jit(lambda layer, x, lengths: (layer(x), layer(x, lengths=lengths), layer(x, mask=masks.full())))
+    for got, want in zip(run(preset, x, lengths), run(mha, x, lengths), strict=True):
+        assert_close(got, want)
+    # The pattern is really applied: the preset is not dense attention.
+    dense = aj.nn.MultiHeadAttention(D, num_heads=4, num_kv_heads=2, rope=aj.positional.RoPE(), rngs=nnx.Rngs(1))
+    nnx.update(dense, nnx.state(preset, nnx.Param))
+    assert not np.allclose(run(preset, x, lengths)[2], run(dense, x, lengths)[2], atol=1e-3)
+
+
+def test_preset_keeps_its_old_causal_behaviour():
+    """causal=True equals the old functional op (the causal pattern), and a call's mask=full() lifts it."""
+    layer = LongformerAttention(D, 2, window=2, global_tokens=1, dilation=2, causal=True, rngs=nnx.Rngs(0))
+    x = randn(7, 2, 12, D)
+    q, k, v = layer.query(x), layer.key(x), layer.value(x)
+    old = longformer_attention(q, k, v, window=2, global_tokens=1, dilation=2, causal=True)
+    assert_close(layer(x), layer.out(old))
+    bidirectional = longformer_attention(q, k, v, window=2, global_tokens=1, dilation=2)
+    assert_close(layer(x, mask=masks.full()), layer.out(bidirectional))
+
+
+@functools.partial(nnx.jit, static_argnames="steps")
+def _full_and_decode(layer, seq, prompt, lengths, steps):
+    full = layer(seq)
+    cache = layer.init_cache(seq.shape[0], prompt.shape[1] + steps)
+    first, cache = layer(prompt, cache=cache, lengths=lengths)
+    outs = []
+    for j in range(steps):
+        token = jnp.take_along_axis(seq, (lengths + j)[:, None, None], axis=1)  # [B, 1, D]
+        y, cache = layer(token, cache=cache)
+        outs.append(y[:, 0])
+    return full, first, jnp.stack(outs, axis=1)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_causal_preset_decodes_like_the_full_forward(name):
+    make, _ = PRESETS[name]
+    layer = make(D, 4, num_kv_heads=2, rope=aj.positional.RoPE(), rngs=nnx.Rngs(0))
+    prompt_lengths, steps = (7, 4), 3
+    seq = randn(8, 2, max(prompt_lengths) + steps, D)
+    prompt = seq[:, : max(prompt_lengths)]
+    real = np.arange(prompt.shape[1])[None, :, None] < np.array(prompt_lengths)[:, None, None]
+    prompt = jnp.where(real, prompt, 10 * randn(9, *prompt.shape))  # padding must not leak
+    full, first, decoded = _full_and_decode(layer, seq, prompt, jnp.asarray(prompt_lengths), steps)
+    for b, length in enumerate(prompt_lengths):
+        assert_close(first[b, :length], full[b, :length])
+        assert_close(decoded[b], full[b, length : length + steps])
+
+
+@pytest.mark.parametrize("name", ["longformer", "strided"])
+def test_packed_segments_equal_documents_run_separately(name):
+    """Patterns of relative positions (a window, a stride) honour segment_ids exactly."""
+    if name == "longformer":
+        layer = LongformerAttention(D, 4, window=2, dilation=2, rope=aj.positional.RoPE(), rngs=nnx.Rngs(0))
+    else:
+        layer = SparseTransformerAttention(D, 4, pattern="strided", stride=3, rope=aj.positional.RoPE(),
+                                           rngs=nnx.Rngs(0))  # fmt: skip
+    docs = (5, 7)
+    x = randn(10, 2, sum(docs), D)
+    segment_ids = jnp.asarray(np.repeat(np.arange(len(docs)), docs)[None].repeat(2, 0))
+    packed = nnx.jit(lambda layer, x, s: layer(x, segment_ids=s))(layer, x, segment_ids)
+    start = 0
+    for length in docs:
+        alone = nnx.jit(lambda layer, x: layer(x))(layer, x[:, start : start + length])
+        assert_close(packed[:, start : start + length], alone)
+        start += length
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        functools.partial(LongformerAttention, window=2, global_tokens=1),
+        functools.partial(BigBirdAttention, block=2),
+        functools.partial(SparseTransformerAttention, pattern="fixed", stride=2),
+    ],
+)
+def test_patterns_at_absolute_positions_refuse_segment_ids(layer):
+    layer = layer(8, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=f"{type(layer).__name__} cannot take segment_ids"):
+        layer(jnp.ones((2, 4, 8)), segment_ids=jnp.zeros((2, 4), jnp.int32))
+
+
 def test_modules():
     x = randn(6, 2, 16, 16)
     for layer in (
@@ -143,3 +261,7 @@ def test_bad_configurations_raise():
         sparse_transformer_attention(q, q, q, pattern="axial", stride=2)
     with pytest.raises(ValueError, match="window"):
         LongformerAttention(8, 2, window=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="pattern"):
+        SparseTransformerAttention(8, 2, pattern="axial", stride=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="BigBirdAttention takes causal=True or mask=, not both"):
+        BigBirdAttention(8, 2, block=2, causal=True, mask=masks.sliding_window(2), rngs=nnx.Rngs(0))

@@ -25,7 +25,16 @@ from attention_jax.functional.dot_product import dot_product_attention
 Array = jax.Array
 PATTERNS = ("strided", "fixed")
 
-__all__ = ["longformer_attention", "bigbird_attention", "sparse_transformer_attention"]
+__all__ = ["longformer_attention", "bigbird_attention", "sparse_transformer_attention", "transformer_pattern"]
+
+
+def transformer_pattern(pattern: str, *, stride: int, summary: int = 1, causal: bool = True):
+    """The Sparse Transformer's mask by name: ``"strided"`` or ``"fixed"`` (both factors, their union)."""
+    if pattern == "strided":
+        return sparse_patterns.strided(stride, causal=causal)
+    if pattern == "fixed":
+        return sparse_patterns.fixed(stride, summary=summary, causal=causal)
+    raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern=!r}.")
 
 
 def _check_globals(indices: tuple[int, ...], shape: _checks.AttentionShape, what: str) -> None:
@@ -118,10 +127,5 @@ def sparse_transformer_attention(
       scale, implementation: as in ``dot_product_attention``.
     """
     _checks.check_qkv(query, key, value)
-    if pattern == "strided":
-        mask = sparse_patterns.strided(stride, causal=causal)
-    elif pattern == "fixed":
-        mask = sparse_patterns.fixed(stride, summary=summary, causal=causal)
-    else:
-        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern=!r}.")
+    mask = transformer_pattern(pattern, stride=stride, summary=summary, causal=causal)
     return dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)

@@ -1,48 +1,85 @@
-"""Sparse self-attention modules: Longformer, BigBird and the Sparse Transformer.
+"""Sparse self-attention presets: Longformer, BigBird and the Sparse Transformer.
 
-Each is multi-head self-attention whose mask comes from :mod:`attention_jax.sparse_patterns`; the pattern is
-checked when the layer is built.
+Each is a :class:`~attention_jax.nn.MultiHeadAttention` whose ``pattern`` (a mask that always
+applies) comes from :mod:`attention_jax.sparse_patterns`, so it takes every keyword and call
+argument of ``MultiHeadAttention`` (RoPE, GQA, ``segment_ids``, ``lengths``, dropout, recording,
+the block-skipping fast paths) and, with a causal mask, decodes with a KV cache. ``causal=True``
+makes ``masks.causal()`` the layer's default mask; a call's ``mask`` replaces it, the pattern stays.
+
+Shapes: ``inputs_q [B, T, D] -> [B, T, out_features]``; parameters ``query [D, N, H]``,
+``key [D, K, H]``, ``value [D, K, Hv]``, ``out [N, Hv, D]`` as in ``MultiHeadAttention``.
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx
->>> x = jnp.ones((1, 16, 32))
+>>> import attention_jax as aj
+>>> x = jnp.ones((2, 16, 32))
 >>> LongformerAttention(32, num_heads=4, window=2, global_tokens=1, rngs=nnx.Rngs(0))(x).shape
-(1, 16, 32)
->>> BigBirdAttention(32, num_heads=4, block=4, rngs=nnx.Rngs(0))(x).shape
-(1, 16, 32)
->>> SparseTransformerAttention(32, num_heads=4, pattern="fixed", stride=4, rngs=nnx.Rngs(0))(x).shape
-(1, 16, 32)
+(2, 16, 32)
+>>> BigBirdAttention(32, num_heads=4, block=4, rope=aj.positional.RoPE(), rngs=nnx.Rngs(0))(x).shape
+(2, 16, 32)
+>>> layer = SparseTransformerAttention(32, num_heads=4, num_kv_heads=2, pattern="fixed", stride=4, rngs=nnx.Rngs(0))
+>>> y, cache = layer(x, cache=layer.init_cache(2, 20))          # causal: prefill, then decode
+>>> y, cache = layer(x[:, :1], cache=cache)
+>>> y.shape, cache.lengths.tolist()
+((2, 1, 32), [17, 17])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
 
-from attention_jax import sparse_patterns
-from attention_jax.functional.sparse import (
-    PATTERNS,
-    bigbird_attention,
-    longformer_attention,
-    sparse_transformer_attention,
-)
-from attention_jax.nn._common import check_features
-from attention_jax.nn._heads import HeadProjections
+from attention_jax import masks, sparse_patterns
+from attention_jax.functional.sparse import transformer_pattern
+from attention_jax.nn.multi_head import MultiHeadAttention
+from attention_jax.nn.protocol import unsupported
 
 Array = jax.Array
 
 __all__ = ["LongformerAttention", "BigBirdAttention", "SparseTransformerAttention"]
 
 
-class LongformerAttention(nnx.Module):
+def _with_default_mask(module_name: str, causal: bool, options: dict[str, Any]) -> dict[str, Any]:
+    """``MultiHeadAttention`` keywords with ``mask=causal()`` when ``causal`` (refusing a second mask)."""
+    if causal:
+        if options.get("mask") is not None:
+            raise ValueError(f"{module_name} takes causal=True or mask=, not both; got mask={options['mask']!r}.")
+        options = dict(options, mask=masks.causal())
+    return options
+
+
+class _Preset(MultiHeadAttention):
+    """``MultiHeadAttention`` under a fixed pattern; refuses ``segment_ids`` where the pattern is not relative.
+
+    A pattern of relative positions (a window, a stride) looks the same from every document of a
+    packed row. One anchored at absolute positions (global tokens, blocks) would be evaluated at
+    the packed row's positions, not at each document's, so packing would change the outputs.
+    """
+
+    absolute_pattern: bool = False  # set by each preset from its options
+
+    def __call__(self, inputs_q: Array, inputs_kv: Array | None = None, *, segment_ids=None, **kwargs):
+        if segment_ids is not None and self.absolute_pattern:
+            raise unsupported(
+                self, "segment_ids", "its pattern is anchored at absolute positions (global tokens or blocks), "
+                "so a packed document would not see the pattern it sees alone; run documents one per row",
+            )  # fmt: skip
+        return super().__call__(inputs_q, inputs_kv, segment_ids=segment_ids, **kwargs)
+
+
+class LongformerAttention(_Preset):
     """Longformer self-attention: a (dilated) sliding window of ``window`` keys per side plus global tokens.
 
     Args:
-      in_features, num_heads, num_kv_heads, head_dim: the usual multi-head sizes.
-      window, global_tokens, dilation, causal: see :func:`attention_jax.sparse_patterns.longformer`.
-      implementation: passed to ``dot_product_attention``.
+      in_features, num_heads: D and N, as in ``MultiHeadAttention``.
+      window, global_tokens, dilation: see :func:`attention_jax.sparse_patterns.longformer`. Global
+        tokens sit at absolute positions: with them the layer refuses ``segment_ids``.
+      causal: the default mask is ``masks.causal()`` (the left half of the window; decodes with a cache).
+      **options: any other ``MultiHeadAttention`` keyword (``num_kv_heads``, ``rope``, ``dropout_rate``,
+        ``implementation``, ``record_weights``, ...), ``rngs`` included.
     """
 
     def __init__(
@@ -54,41 +91,30 @@ class LongformerAttention(nnx.Module):
         global_tokens: int | Sequence[int] = (),
         dilation: int = 1,
         causal: bool = False,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        implementation: str | None = None,
         rngs: nnx.Rngs,
+        **options: Any,
     ):
-        sparse_patterns.longformer(window, global_tokens=global_tokens, dilation=dilation, causal=causal)
-        self.heads = HeadProjections(in_features, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rngs=rngs)
+        pattern = sparse_patterns.longformer(window, global_tokens=global_tokens, dilation=dilation)
+        options = _with_default_mask(type(self).__name__, causal, options)
+        super().__init__(in_features, num_heads=num_heads, pattern=pattern, rngs=rngs, **options)
         self.window, self.dilation, self.causal = window, dilation, causal
         self.global_tokens = sparse_patterns.global_indices(global_tokens)
-        self.implementation = implementation
-
-    def __call__(self, x: Array) -> Array:
-        check_features("x", x, self.heads.in_features)
-        q, k, v = self.heads(x)
-        out = longformer_attention(
-            q,
-            k,
-            v,
-            window=self.window,
-            global_tokens=self.global_tokens,
-            dilation=self.dilation,
-            causal=self.causal,
-            implementation=self.implementation,
-        )
-        return self.heads.merge(out)
+        self.absolute_pattern = bool(self.global_tokens)
 
 
-class BigBirdAttention(nnx.Module):
+class BigBirdAttention(_Preset):
     """BigBird self-attention: block window + global blocks + random blocks.
 
     Args:
-      in_features, num_heads, num_kv_heads, head_dim: the usual multi-head sizes.
-      block, window_blocks, global_blocks, random_blocks, seed, causal: see
-        :func:`attention_jax.sparse_patterns.bigbird`.
-      implementation: passed to ``dot_product_attention``.
+      in_features, num_heads: D and N, as in ``MultiHeadAttention``.
+      block, window_blocks, global_blocks, random_blocks, seed: see :func:`attention_jax.sparse_patterns.bigbird`.
+      max_length: the key length the random blocks are drawn over (``masks.random_blocks(kv_len=)``).
+        None draws them over each call's length; set it to decode with a cache (whose length grows)
+        and to give every sequence length the same pattern.
+      causal: the default mask is ``masks.causal()`` (decodes with a cache, given ``max_length``).
+      **options: any other ``MultiHeadAttention`` keyword, ``rngs`` included.
+
+    Its blocks are anchored at absolute positions, so it refuses ``segment_ids``.
     """
 
     def __init__(
@@ -101,37 +127,35 @@ class BigBirdAttention(nnx.Module):
         global_blocks: int = 1,
         random_blocks: int = 1,
         seed: int = 0,
+        max_length: int | None = None,
         causal: bool = False,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        implementation: str | None = None,
         rngs: nnx.Rngs,
+        **options: Any,
     ):
-        self.pattern = dict(
-            block=block,
-            window_blocks=window_blocks,
-            global_blocks=global_blocks,
-            random_blocks=random_blocks,
-            seed=seed,
-            causal=causal,
+        pattern = sparse_patterns.bigbird(
+            block, window_blocks=window_blocks, global_blocks=global_blocks, random_blocks=0, seed=seed
         )
-        sparse_patterns.bigbird(**self.pattern)
-        self.heads = HeadProjections(in_features, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rngs=rngs)
-        self.implementation = implementation
+        if random_blocks:  # what sparse_patterns.bigbird adds, with the key length fixed when given
+            pattern = pattern | masks.random_blocks(block, random_blocks, seed, kv_len=max_length)
+        options = _with_default_mask(type(self).__name__, causal, options)
+        super().__init__(in_features, num_heads=num_heads, pattern=pattern, rngs=rngs, **options)
+        self.block, self.window_blocks, self.global_blocks = block, window_blocks, global_blocks
+        self.random_blocks, self.seed, self.max_length, self.causal = random_blocks, seed, max_length, causal
+        self.absolute_pattern = True
 
-    def __call__(self, x: Array) -> Array:
-        check_features("x", x, self.heads.in_features)
-        q, k, v = self.heads(x)
-        return self.heads.merge(bigbird_attention(q, k, v, **self.pattern, implementation=self.implementation))
 
-
-class SparseTransformerAttention(nnx.Module):
+class SparseTransformerAttention(_Preset):
     """Sparse Transformer self-attention with the ``"strided"`` or ``"fixed"`` factorized pattern (both factors).
 
+    ``"strided"`` is relative (packed ``segment_ids`` are exact); ``"fixed"`` has blocks anchored at
+    absolute positions and refuses ``segment_ids``.
+
     Args:
-      in_features, num_heads, num_kv_heads, head_dim: the usual multi-head sizes.
-      pattern, stride, summary, causal: see :func:`attention_jax.functional.sparse.sparse_transformer_attention`.
-      implementation: passed to ``dot_product_attention``.
+      in_features, num_heads: D and N, as in ``MultiHeadAttention``.
+      pattern: ``"strided"`` or ``"fixed"`` (kept in ``self.factorization``; ``self.pattern`` is the mask).
+      stride, summary: see :func:`attention_jax.sparse_patterns.strided` and ``fixed``.
+      causal: the default mask is ``masks.causal()`` (the paper's autoregressive setting; the default).
+      **options: any other ``MultiHeadAttention`` keyword, ``rngs`` included.
     """
 
     def __init__(
@@ -143,32 +167,11 @@ class SparseTransformerAttention(nnx.Module):
         stride: int,
         summary: int = 1,
         causal: bool = True,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        implementation: str | None = None,
         rngs: nnx.Rngs,
+        **options: Any,
     ):
-        if pattern == "strided":
-            sparse_patterns.strided(stride, causal=causal)
-        elif pattern == "fixed":
-            sparse_patterns.fixed(stride, summary=summary, causal=causal)
-        else:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern=!r}.")
-        self.heads = HeadProjections(in_features, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rngs=rngs)
-        self.pattern, self.stride, self.summary, self.causal = pattern, stride, summary, causal
-        self.implementation = implementation
-
-    def __call__(self, x: Array) -> Array:
-        check_features("x", x, self.heads.in_features)
-        q, k, v = self.heads(x)
-        out = sparse_transformer_attention(
-            q,
-            k,
-            v,
-            pattern=self.pattern,
-            stride=self.stride,
-            summary=self.summary,
-            causal=self.causal,
-            implementation=self.implementation,
-        )
-        return self.heads.merge(out)
+        mask = transformer_pattern(pattern, stride=stride, summary=summary, causal=False)
+        options = _with_default_mask(type(self).__name__, causal, options)
+        super().__init__(in_features, num_heads=num_heads, pattern=mask, rngs=rngs, **options)
+        self.factorization, self.stride, self.summary, self.causal = pattern, stride, summary, causal
+        self.absolute_pattern = pattern == "fixed"
