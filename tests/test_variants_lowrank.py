@@ -12,7 +12,10 @@ import pytest
 from flax import nnx
 from helpers import assert_close, naive_attention
 
+import attention_jax as aj
+from attention_jax import masks
 from attention_jax.functional.lowrank import iterative_pinv, linformer_attention, nystrom_attention
+from attention_jax.functional.multi_head import weighted_values
 from attention_jax.nn.lowrank import Linformer, Nystromformer
 
 
@@ -88,6 +91,75 @@ def test_modules_and_gradients():
     # T = 8 < max_length used the first 8 columns of E and F; a longer sequence is refused.
     with pytest.raises(ValueError, match="max_length=12"):
         linformer(randn(9, 1, 13, 16))
+
+
+def _layers():
+    return (
+        Linformer(16, 4, num_kv_heads=2, max_length=12, projected_length=3, rngs=nnx.Rngs(0)),
+        Nystromformer(16, 4, num_kv_heads=2, num_landmarks=2, pinv_iterations=8, rngs=nnx.Rngs(1)),
+    )
+
+
+def test_modules_follow_the_protocol_with_multi_head_layout():
+    for layer in _layers():
+        assert isinstance(layer, aj.nn.AttentionLayer)
+        shapes = {name: getattr(layer, name).kernel.shape for name in ("query", "key", "value", "out")}
+        assert shapes == {"query": (16, 4, 4), "key": (16, 2, 4), "value": (16, 2, 4), "out": (4, 4, 16)}
+
+
+def test_linformer_lengths_equal_the_real_tokens_alone():
+    layer = _layers()[0]
+    x = randn(10, 2, 10, 16)
+    lengths = jnp.array([10, 6])
+    padded = nnx.jit(lambda layer, x, n: layer(x, lengths=n))(layer, x, lengths)
+    assert_close(padded[1, :6], layer(x[1:, :6])[0])  # E[:, :6], the 6 real keys
+    assert_close(padded[0], layer(x[:1])[0])
+
+
+def test_cross_attention_matches_the_functional_ops():
+    linformer, nystrom = _layers()
+    x, context = randn(11, 2, 4, 16), randn(12, 2, 8, 16)
+    q, k, v = linformer.query(x), linformer.key(context), linformer.value(context)
+    e, f = linformer.key_projection[...][:, :8], linformer.value_projection[...][:, :8]
+    expected = linformer.out(linformer_attention(q, k, v, key_projection=e, value_projection=f))
+    assert_close(linformer(x, context), expected)
+    q, k, v = nystrom.query(x), nystrom.key(context), nystrom.value(context)
+    expected = nystrom.out(nystrom_attention(q, k, v, num_landmarks=2, pinv_iterations=8))
+    assert_close(nystrom(x, context), expected)
+
+
+def test_recorded_weights_reproduce_the_output():
+    """The recorded implicit weights [B, N, T, S], applied to the values, give the layer's output."""
+    x = randn(13, 2, 8, 16)
+    lengths = jnp.array([8, 5])
+    for layer in _layers():
+        kwargs = dict(lengths=lengths) if isinstance(layer, Linformer) else {}
+        with aj.nn.record_attention_weights(layer):
+            y, recorded = nnx.capture(layer, nnx.Intermediate)(x, **kwargs)
+        (weights,) = recorded["attention_weights"]
+        chex.assert_shape(weights, (2, 4, 8, 8))
+        assert_close(layer.out(weighted_values(weights, layer.value(x))), y)
+        if kwargs:
+            assert float(jnp.abs(weights[1, :, :, 5:]).max()) == 0.0  # padded keys get no weight
+
+
+def test_unsupported_arguments_raise_naming_module_and_argument():
+    x = jnp.ones((2, 4, 16))
+    for layer in _layers():
+        name = type(layer).__name__
+        with pytest.raises(ValueError, match=f"{name} cannot take mask=causal"):
+            layer(x, mask=masks.causal())
+        with pytest.raises(ValueError, match=f"{name} cannot take mask"):
+            layer(x, mask=masks.sliding_window(2))
+        with pytest.raises(ValueError, match=f"{name} cannot take segment_ids"):
+            layer(x, segment_ids=jnp.zeros((2, 4), jnp.int32))
+        with pytest.raises(ValueError, match=f"{name} cannot take cache"):
+            layer(x, cache=object())
+        with pytest.raises(ValueError, match=f"{name} cannot decode"):
+            layer.init_cache(2, 8)
+        chex.assert_shape(layer(x, mask=masks.full(), positions=jnp.arange(4)), (2, 4, 16))
+    with pytest.raises(ValueError, match="Nystromformer cannot take lengths"):
+        _layers()[1](x, lengths=jnp.array([4, 2]))
 
 
 def test_bad_configurations_raise():

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_jax.functional import _checks
-from attention_jax.functional.dot_product import dot_product_attention
+from attention_jax.functional.dot_product import attention_weights, dot_product_attention
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
@@ -36,19 +36,25 @@ def linformer_attention(
     *,
     key_projection: Array,
     value_projection: Array | None = None,
+    kv_valid: Array | None = None,
     scale: float | None = None,
     implementation: str | None = None,
-) -> Array:
+    return_weights: bool = False,
+):
     """Linformer: attention over keys and values projected along the sequence, ``S -> P``.
 
     Args:
       query: ``[B, T, N, H]``; key: ``[B, S, K, H]``; value: ``[B, S, K, Hv]``.
       key_projection: ``E [P, S]``, shared by heads.
       value_projection: ``F [P, S]``; defaults to ``E`` (the paper's key-value sharing).
+      kv_valid: ``[B, S]`` bool, the keys that exist (right padding): the others are zeroed before
+        the projection, so a padded row gives what its real keys alone give with ``E[:, :len]``.
       scale, implementation: as in ``dot_product_attention`` (which runs on the projected keys).
+      return_weights: also return the implicit weights ``[B, N, T, S]`` float32 on the original
+        keys, ``softmax(Q (E K)^T) F``: the output is exactly these weights applied to ``value``.
 
     Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
+      ``[B, T, N, Hv]`` in the query dtype, and the weights with ``return_weights``.
     """
     shape = _checks.check_qkv(query, key, value)
     value_projection = key_projection if value_projection is None else value_projection
@@ -62,10 +68,23 @@ def linformer_attention(
             f"key and value projections must share P, got {key_projection.shape} and {value_projection.shape}."
         )
     f32 = jnp.float32
-    k = jnp.einsum("PS,BSKH->BPKH", key_projection.astype(f32), key.astype(f32), precision=_HI)
-    v = jnp.einsum("PS,BSKH->BPKH", value_projection.astype(f32), value.astype(f32), precision=_HI)
+    key, value = key.astype(f32), value.astype(f32)
+    value_projection = jnp.broadcast_to(value_projection.astype(f32), (shape.batch, *value_projection.shape))
+    if kv_valid is not None:
+        if jnp.shape(kv_valid) != (shape.batch, shape.kv_len):
+            raise ValueError(
+                f"kv_valid must have shape [B, S]={[shape.batch, shape.kv_len]}, got {jnp.shape(kv_valid)}."
+            )
+        key = jnp.where(kv_valid[:, :, None, None], key, 0.0)
+        value_projection = jnp.where(kv_valid[:, None, :], value_projection, 0.0)  # [B, P, S]: no padded value
+    k = jnp.einsum("PS,BSKH->BPKH", key_projection.astype(f32), key, precision=_HI)  # [B, P, K, H]
+    v = jnp.einsum("BPS,BSKH->BPKH", value_projection, value, precision=_HI)  # [B, P, K, Hv]
     out = dot_product_attention(query.astype(f32), k, v, scale=scale, implementation=implementation)
-    return out.astype(query.dtype)
+    out = out.astype(query.dtype)
+    if not return_weights:
+        return out
+    weights = attention_weights(query.astype(f32), k, scale=scale)  # [B, N, T, P]
+    return out, jnp.einsum("BNTP,BPS->BNTS", weights, value_projection, precision=_HI)
 
 
 def segment_means(x: Array, num_segments: int) -> Array:
@@ -95,7 +114,8 @@ def nystrom_attention(
     num_landmarks: int,
     pinv_iterations: int = 6,
     scale: float | None = None,
-) -> Array:
+    return_weights: bool = False,
+):
     """Nystromformer: ``softmax(Q K~^T) pinv(softmax(Q~ K~^T)) softmax(Q~ K^T) V`` with m segment-mean landmarks.
 
     Args:
@@ -103,9 +123,12 @@ def nystrom_attention(
       num_landmarks: m; must divide T and S (landmarks are means of m equal segments).
       pinv_iterations: iterations of :func:`iterative_pinv`.
       scale: multiplies ``q.k``; defaults to ``1 / sqrt(H)``.
+      return_weights: also return the implicit weights ``[B, N, T, S]`` float32,
+        ``softmax(Q K~^T) pinv(softmax(Q~ K~^T)) softmax(Q~ K^T)``: the output is exactly these
+        weights applied to ``value`` (rows need not be non-negative).
 
     Returns:
-      ``[B, T, N, Hv]`` in the query dtype.
+      ``[B, T, N, Hv]`` in the query dtype, and the weights with ``return_weights``.
     """
     shape = _checks.check_qkv(query, key, value)
     m = num_landmarks
@@ -129,6 +152,12 @@ def nystrom_attention(
     kernel_2 = softmax(jnp.einsum("BLKGH,BMKH->BKGLM", q_land, k_land, precision=_HI))  # [B, K, G, m, m]
     kernel_3 = softmax(jnp.einsum("BLKGH,BSKH->BKGLS", q_land, k, precision=_HI))  # [B, K, G, m, S]
     landmark_values = jnp.einsum("BKGLS,BSKV->BKGLV", kernel_3, v, precision=_HI)  # [B, K, G, m, Hv]
-    mixed = jnp.matmul(iterative_pinv(kernel_2, pinv_iterations), landmark_values, precision=_HI)
+    pinv = iterative_pinv(kernel_2, pinv_iterations)  # [B, K, G, m, m]
+    mixed = jnp.matmul(pinv, landmark_values, precision=_HI)
     out = jnp.einsum("BKGTM,BKGMV->BTKGV", kernel_1, mixed, precision=_HI)
-    return out.reshape(b, t, n, shape.value_head_dim).astype(query.dtype)
+    out = out.reshape(b, t, n, shape.value_head_dim).astype(query.dtype)
+    if not return_weights:
+        return out
+    left = jnp.matmul(kernel_1, pinv, precision=_HI)  # [B, K, G, T, m]
+    weights = jnp.einsum("BKGTM,BKGMS->BKGTS", left, kernel_3, precision=_HI)
+    return out, weights.reshape(b, n, t, shape.kv_len)
