@@ -2,9 +2,11 @@
 
     python notebooks/build.py          # rewrites notebooks/*.ipynb
 
-Edit the cells here, not the .ipynb files. Every notebook starts with the same install cell (skipped when
-attention_jax is importable, as in this repository's venv) and reads ``ATTENTION_JAX_SMALL=1`` to shrink its
-work; ``tests/test_notebooks.py`` executes them that way.
+Edit the cells here, not the .ipynb files. Every notebook starts with the same install cell: it does nothing
+where ``import attention_jax`` works (this repository's venv), and elsewhere (Colab: File > Upload notebook)
+runs ``pip install`` on ``ATTENTION_JAX_SOURCE``: the package name on the index by default, or whatever the
+environment variable of that name says (a local checkout, a wheel, any pip requirement). Each notebook reads
+``ATTENTION_JAX_SMALL=1`` to shrink its work; ``tests/test_notebooks.py`` executes them that way.
 """
 
 from __future__ import annotations
@@ -15,16 +17,27 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
-# Where the repository lives on GitHub: the Colab badges and the install cell point here.
-REPO = "OWNER/attention_jax"
+# Where the install cell gets attention_jax from when it is not importable: a pip requirement. The default is the
+# package as published on the index; set the environment variable ATTENTION_JAX_SOURCE before the cell runs to
+# install from elsewhere (e.g. "/content/attention_jax" for a checkout uploaded to Colab, or a wheel file).
+SOURCE_VARIABLE = "ATTENTION_JAX_SOURCE"
+DEFAULT_SOURCE = "attention_jax"
 
 INSTALL = f"""\
-# Colab (or any fresh environment): install attention_jax from GitHub. Skipped where it is already importable.
-try:
-    import attention_jax  # noqa: F401
-except ImportError:
-    %pip install --quiet "attention_jax[test] @ git+https://github.com/{REPO}"
+# Install attention_jax where it is missing (Colab, a fresh environment); nothing happens where it is importable.
+# find_spec looks without importing, so JAX is not initialised yet and a later cell may still configure devices.
+import importlib.util
+import os
+
+{SOURCE_VARIABLE} = os.environ.get("{SOURCE_VARIABLE}", "{DEFAULT_SOURCE}")  # a pip requirement: name, path or wheel
+if importlib.util.find_spec("attention_jax") is None:
+    %pip install --quiet "{{{SOURCE_VARIABLE}}}"
 """
+
+OPENING = f"""\
+Runs top to bottom on a CPU. To open it in Colab, upload it (File > Upload notebook); the first cell installs
+`attention_jax` there (from `{SOURCE_VARIABLE}`, by default the published package) and does nothing where the
+package is already importable."""
 
 SMALL = """\
 import os
@@ -33,13 +46,8 @@ SMALL = os.environ.get("ATTENTION_JAX_SMALL") == "1"  # the test suite runs the 
 """
 
 
-def badge(name: str) -> str:
-    url = f"https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{name}"
-    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
-
-
 def notebook(name: str, title: str, cells: list):
-    head = [new_markdown_cell(f"# {title}\n\n{badge(name)}"), new_code_cell(INSTALL)]
+    head = [new_markdown_cell(f"# {title}\n\n{OPENING}"), new_code_cell(INSTALL)]
     nb = new_notebook(cells=head + cells)
     nb.metadata = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
