@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -74,7 +75,8 @@ class _MeanAttention(nnx.Module):
     def __init__(self, features, *, rngs):
         self.proj = nnx.Linear(features, features, rngs=rngs)
 
-    def __call__(self, x, *, mask=None, positions=None, lengths=None, cache=None, deterministic=None):
+    def __call__(self, x, inputs_kv=None, *, mask=None, positions=None, segment_ids=None, lengths=None, cache=None,
+                 deterministic=None):  # fmt: skip
         h = self.proj(x)
         return jnp.cumsum(h, axis=1) / jnp.arange(1, x.shape[1] + 1)[None, :, None]
 
@@ -93,6 +95,18 @@ def test_pluggable_attention_factories():
     assert np.all(np.isfinite(logits))
     with pytest.raises(ValueError, match="2 factories for num_layers=3"):
         aj.nn.TransformerLM(V, D, 3, attention=mixed[:2], rngs=nnx.Rngs(0))
+
+
+def test_block_config_is_shared_and_keywords_override_it():
+    config = aj.nn.BlockConfig(num_heads=2, mlp="gelu", mlp_features=24)
+    enc = aj.nn.TransformerEncoder(2, D, config=config, norm="layer", rngs=nnx.Rngs(0))
+    assert enc.config == dataclasses.replace(config, norm="layer")
+    assert all(isinstance(b.attention_norm, nnx.LayerNorm) and b.mlp.up.out_features == 24 for b in enc.blocks)
+    assert enc.blocks[0].attention.num_heads == 2
+    with pytest.raises(TypeError, match="num_head"):
+        aj.nn.TransformerLM(V, D, 1, num_head=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mlp must be one of"):
+        aj.nn.BlockConfig(mlp="swish")
 
 
 def test_vmap_and_scan_over_blocks():

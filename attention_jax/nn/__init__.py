@@ -8,7 +8,7 @@ deterministic)`` returns ``y``, or ``(y, cache)`` when given a cache from
 Attention weights can be recorded without changing model code: see ``record_attention_weights``.
 """
 
-from attention_jax.nn.blocks import AttentionFactory, FeedForward, TransformerBlock
+from attention_jax.nn.blocks import AttentionFactory, BlockConfig, FeedForward, TransformerBlock
 from attention_jax.nn.differential import DifferentialAttention
 from attention_jax.nn.latent import MultiHeadLatentAttention
 from attention_jax.nn.linear import FastWeightProgrammer, LinearAttention, Performer
@@ -35,6 +35,7 @@ __all__ = [
     "AttentionLayer",
     "AttentionFactory",
     "BigBirdAttention",
+    "BlockConfig",
     "CBAM",
     "DifferentialAttention",
     "EfficientChannelAttention",

@@ -234,3 +234,19 @@ def causal_from_mask(module, mask, default: bool) -> bool:
         f"{type(module).__name__} cannot take mask={mask!r}: it is not softmax attention under a mask, so it "
         "honours only None, masks.full() and masks.causal()."
     )
+
+
+def self_attention_positions(module, inputs: Array, inputs_kv, positions, segment_ids, cache):
+    """The prelude of a self-attention-only layer: refuse ``inputs_kv``, check ``segment_ids``, and
+    return ``(positions [T] | [B, T], segment_ids | None)`` (positions restart at each segment)."""
+    if inputs_kv is not None:
+        raise ValueError(f"{type(module).__name__} cannot take inputs_kv: it is self-attention only.")
+    segment_ids = check_segment_ids(segment_ids, inputs)
+    if segment_ids is not None and cache is not None:
+        raise ValueError(
+            f"{type(module).__name__} cannot take segment_ids with a cache: packed documents are for training; "
+            "a cache decodes one sequence per row."
+        )
+    if positions is None and segment_ids is not None:
+        positions = segment_positions(segment_ids)
+    return positions_for(inputs, positions, cache), segment_ids

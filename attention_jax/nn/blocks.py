@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -23,6 +24,73 @@ AttentionFactory = Callable[..., nnx.Module]
 
 NORMS = {"rms": nnx.RMSNorm, "layer": nnx.LayerNorm}
 ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": jax.nn.gelu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """The options of a pre-norm block, written once and shared by :class:`TransformerBlock` and the stacks.
+
+    Attributes:
+      num_heads: heads of the default attention (``MultiHeadAttention``).
+      mlp: ``"swiglu"`` (default), ``"geglu"``, ``"gelu"`` or ``"relu"``.
+      mlp_features: hidden width, default ``4 * features`` (``8/3`` of it, rounded up, for gated kinds).
+      norm: ``"rms"`` or ``"layer"``; ``norm_epsilon`` its epsilon.
+      dropout_rate: dropout on each residual branch when not ``deterministic``.
+      deterministic: the default of the call (``model.eval()`` / ``model.train()`` set it).
+      remat: rematerialise each block in the backward pass (``nnx.remat``; stacks only).
+      dtype, param_dtype: computation and parameter dtypes.
+
+    The stacks take ``config=`` and/or the same names as keywords, which override it:
+
+    >>> from flax import nnx
+    >>> import attention_jax as aj
+    >>> small = aj.nn.BlockConfig(num_heads=2, mlp="gelu")
+    >>> lm = aj.nn.TransformerLM(32, 16, 2, config=small, norm="layer", rngs=nnx.Rngs(0))
+    >>> lm.config.mlp, lm.config.norm
+    ('gelu', 'layer')
+    """
+
+    num_heads: int = 4
+    mlp: str = "swiglu"
+    mlp_features: int | None = None
+    norm: str = "rms"
+    norm_epsilon: float = 1e-6
+    dropout_rate: float = 0.0
+    deterministic: bool = False
+    remat: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.mlp not in ACTIVATIONS:
+            raise ValueError(f"mlp must be one of {tuple(ACTIVATIONS)}, got mlp={self.mlp!r}.")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {tuple(NORMS)}, got norm={self.norm!r}.")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must lie in [0, 1), got dropout_rate={self.dropout_rate!r}.")
+
+    def hidden_features(self, features: int) -> int:
+        if self.mlp_features is not None:
+            return self.mlp_features
+        return 4 * features if not self.mlp.endswith("glu") else -(-8 * features // 3)
+
+    def default_attention(self, **options) -> AttentionFactory:
+        return functools.partial(
+            MultiHeadAttention, num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype, **options
+        )
+
+
+def block_config(config: BlockConfig | None, options: dict[str, Any]) -> BlockConfig:
+    """``config`` (default ``BlockConfig()``) with ``options`` (keyword overrides) applied; unknown names raise."""
+    config = BlockConfig() if config is None else config
+    if not isinstance(config, BlockConfig):
+        raise TypeError(f"config must be an attention_jax.nn.BlockConfig, got {type(config).__name__}.")
+    known = {f.name for f in dataclasses.fields(BlockConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the block options are {sorted(known)}.")
+    return dataclasses.replace(config, **options) if options else config
+
 
 
 def build_attention(factory: AttentionFactory, features: int, depth: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -91,21 +159,18 @@ class TransformerBlock(nnx.Module):
 
     Args:
       features: D.
-      attention: an attention factory (see ``AttentionFactory``); default
-        ``MultiHeadAttention(features, num_heads=num_heads)``.
-      num_heads: heads of the default attention.
+      attention: an attention factory (see ``AttentionFactory``) building any module that follows
+        :class:`attention_jax.nn.AttentionLayer`; default ``MultiHeadAttention`` with
+        ``config.num_heads`` heads.
       cross_attention: a factory for cross-attention to a ``context`` (decoder blocks), or None.
-      mlp: ``"swiglu"`` (default), ``"geglu"``, ``"gelu"`` or ``"relu"``.
-      mlp_features: hidden width, default ``4 * features`` (``8/3`` of it, rounded, for gated kinds).
-      norm: ``"rms"`` or ``"layer"``; norm_epsilon its epsilon.
-      dropout_rate: dropout on each residual branch when not ``deterministic``.
+      config: a :class:`BlockConfig`; keyword ``options`` (its field names) override it.
       depth: 1-based index of the block, given to attention factories that take it.
-      dtype, param_dtype, rngs: as usual.
+      rngs: as usual.
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> block = TransformerBlock(16, num_heads=2, rngs=nnx.Rngs(0))
-    >>> block(jnp.ones((1, 3, 16)), mask=None).shape
+    >>> block(jnp.ones((1, 3, 16))).shape
     (1, 3, 16)
     """
 
@@ -114,36 +179,30 @@ class TransformerBlock(nnx.Module):
         features: int,
         *,
         attention: AttentionFactory | None = None,
-        num_heads: int = 4,
         cross_attention: AttentionFactory | None = None,
-        mlp: str = "swiglu",
-        mlp_features: int | None = None,
-        norm: str = "rms",
-        norm_epsilon: float = 1e-6,
-        dropout_rate: float = 0.0,
-        deterministic: bool = False,
+        config: BlockConfig | None = None,
         depth: int = 1,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
+        **options: Any,
     ):
-        if attention is None:
-            attention = functools.partial(MultiHeadAttention, num_heads=num_heads, dtype=dtype, param_dtype=param_dtype)
-        if mlp_features is None:
-            mlp_features = 4 * features if not mlp.endswith("glu") else -(-8 * features // 3)
-        norm_args = dict(epsilon=norm_epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.features, self.depth = features, depth
-        self.attention_norm = make_norm(norm, features, **norm_args)
+        config = block_config(config, options)
+        attention = config.default_attention() if attention is None else attention
+        norm_args = dict(epsilon=config.norm_epsilon, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.features, self.depth, self.config = features, depth, config
+        self.attention_norm = make_norm(config.norm, features, **norm_args)
         self.attention = build_attention(attention, features, depth, rngs)
         if cross_attention is not None:
-            self.cross_norm = make_norm(norm, features, **norm_args)
+            self.cross_norm = make_norm(config.norm, features, **norm_args)
             self.cross_attention = build_attention(cross_attention, features, depth, rngs)
         else:
             self.cross_norm, self.cross_attention = nnx.data(None), nnx.data(None)
-        self.mlp_norm = make_norm(norm, features, **norm_args)
-        self.mlp = FeedForward(features, mlp_features, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout_rate, deterministic=deterministic, rngs=rngs)
-        self.deterministic = deterministic
+        self.mlp_norm = make_norm(config.norm, features, **norm_args)
+        self.mlp = FeedForward(
+            features, config.hidden_features(features), kind=config.mlp, dtype=config.dtype,
+            param_dtype=config.param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.dropout = nnx.Dropout(config.dropout_rate, deterministic=config.deterministic, rngs=rngs)
+        self.deterministic = config.deterministic
 
     def __call__(
         self,
@@ -153,15 +212,16 @@ class TransformerBlock(nnx.Module):
         mask: masks_lib.Mask | Array | None = None,
         context_mask: masks_lib.Mask | Array | None = None,
         positions: Array | None = None,
+        segment_ids: Array | None = None,
         lengths: Array | None = None,
         cache=None,
         deterministic: bool | None = None,
     ):
         """``x [B, T, D]`` (and ``context [B, S, D]`` for cross-attention) to ``[B, T, D]``.
 
-        ``mask`` (None: the attention's own) goes to self-attention, ``context_mask`` to
-        cross-attention; ``positions``, ``lengths``, ``cache`` and ``deterministic`` are passed to
-        self-attention when given. Returns ``(y, cache)`` when a cache is given.
+        ``mask`` (None: the attention's own), ``positions``, ``segment_ids``, ``lengths``, ``cache``
+        and ``deterministic`` go to self-attention as the protocol defines them; ``context_mask`` to
+        cross-attention. Returns ``(y, cache)`` when a cache is given.
         """
         if (context is None) != (self.cross_attention is None):
             raise ValueError(
@@ -169,13 +229,14 @@ class TransformerBlock(nnx.Module):
                 f"context={'None' if context is None else context.shape} and "
                 f"cross_attention={'None' if self.cross_attention is None else type(self.cross_attention).__name__}."
             )
-        given = dict(mask=mask, positions=positions, lengths=lengths, cache=cache, deterministic=deterministic)
-        out = self.attention(self.attention_norm(x), **{k: v for k, v in given.items() if v is not None})
+        out = self.attention(
+            self.attention_norm(x), mask=mask, positions=positions, segment_ids=segment_ids, lengths=lengths,
+            cache=cache, deterministic=deterministic,
+        )  # fmt: skip
         h, cache = out if cache is not None else (out, None)
         x = x + self.dropout(h, deterministic=deterministic)
         if self.cross_attention is not None:
-            cross = dict(mask=context_mask, deterministic=deterministic)
-            h = self.cross_attention(self.cross_norm(x), context, **{k: v for k, v in cross.items() if v is not None})
+            h = self.cross_attention(self.cross_norm(x), context, mask=context_mask, deterministic=deterministic)
             x = x + self.dropout(h, deterministic=deterministic)
         x = x + self.dropout(self.mlp(self.mlp_norm(x)), deterministic=deterministic)
         return x if cache is None else (x, cache)

@@ -114,9 +114,11 @@ class DifferentialAttention(_common.CacheMixin, nnx.Module):
     def __call__(
         self,
         inputs: Array,
+        inputs_kv: Array | None = None,
         *,
         mask: masks_lib.Mask | Array | None = None,
         positions: Array | None = None,
+        segment_ids: Array | None = None,
         lengths: Array | None = None,
         cache=None,
         deterministic: bool | None = None,
@@ -130,7 +132,7 @@ class DifferentialAttention(_common.CacheMixin, nnx.Module):
         query = self.query(inputs)  # [B, T, N, 2, H]
         key = self.key(inputs)  # [B, T, K, 2, H]
         value = self.value(inputs)  # [B, T, K, 2H]
-        pos = _common.positions_for(inputs, positions, cache)
+        pos, segment_ids = _common.self_attention_positions(self, inputs, inputs_kv, positions, segment_ids, cache)
         q1, q2, k1, k2 = query[..., 0, :], query[..., 1, :], key[..., 0, :], key[..., 1, :]
         if self.rope is not None:
             q1, q2, k1, k2 = (_common.rotate(self.rope, x, pos) for x in (q1, q2, k1, k2))
@@ -143,7 +145,7 @@ class DifferentialAttention(_common.CacheMixin, nnx.Module):
             value = view.values.astype(q1.dtype)
             offsets = view.offsets()
         else:
-            mask = _common.padded(mask, lengths)
+            mask = _common.segmented(_common.padded(mask, lengths), segment_ids)
         lam = differential_lib.differential_lambda(
             self.lambda_q1[...], self.lambda_k1[...], self.lambda_q2[...], self.lambda_k2[...], self.lambda_init
         )

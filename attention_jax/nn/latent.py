@@ -127,9 +127,11 @@ class MultiHeadLatentAttention(_common.CacheMixin, nnx.Module):
     def __call__(
         self,
         inputs: Array,
+        inputs_kv: Array | None = None,
         *,
         mask: masks_lib.Mask | Array | None = None,
         positions: Array | None = None,
+        segment_ids: Array | None = None,
         lengths: Array | None = None,
         cache=None,
         absorb: bool | None = None,
@@ -149,7 +151,7 @@ class MultiHeadLatentAttention(_common.CacheMixin, nnx.Module):
         compressed = self.kv_down(inputs)  # [B, T, L + R]
         latent = self.kv_norm(compressed[..., :lr])  # [B, T, L]
         k_rope = compressed[..., lr:]  # [B, T, R]
-        pos = _common.positions_for(inputs, positions, cache)
+        pos, segment_ids = _common.self_attention_positions(self, inputs, inputs_kv, positions, segment_ids, cache)
         q_nope, q_rope = query[..., :hn], _common.rotate(self.rope, query[..., hn:], pos)  # [B, T, N, Hn], [B, T, N, R]
         k_rope = _common.rotate(self.rope, k_rope, pos)  # [B, T, R] (one key shared by all heads)
 
@@ -162,7 +164,7 @@ class MultiHeadLatentAttention(_common.CacheMixin, nnx.Module):
             latent, k_rope = stored[..., :lr], stored[..., lr:]
             offsets = view.offsets()
         else:
-            mask = _common.padded(mask, lengths)
+            mask = _common.segmented(_common.padded(mask, lengths), segment_ids)
         absorb = next(a for a in (absorb, self.absorb, cache is not None) if a is not None)
         record = recording.should_record(record_weights, self.record_weights)
         dropout_rng = _common.dropout_key(self, deterministic, rngs)

@@ -1,8 +1,14 @@
-"""Transformer stacks: ``TransformerEncoder``, ``TransformerDecoder`` and a small decoder-only ``TransformerLM``."""
+"""Transformer stacks: ``TransformerEncoder``, ``TransformerDecoder`` and a small decoder-only ``TransformerLM``.
+
+Every stack is built from :class:`~attention_jax.nn.TransformerBlock` and takes any attention module
+that follows :class:`~attention_jax.nn.AttentionLayer`: one factory for every layer, or one per layer
+(hybrids). The block options are one :class:`~attention_jax.nn.BlockConfig` (``config=``) whose
+fields may also be given as keywords. Each call passes ``mask``, ``positions``, ``segment_ids``,
+``lengths``, ``cache`` and ``deterministic`` to every layer, as the protocol defines them.
+"""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,13 +18,16 @@ from flax import nnx
 
 from attention_jax import masks as masks_lib
 from attention_jax import positional
-from attention_jax.nn.blocks import AttentionFactory, TransformerBlock, make_norm
-from attention_jax.nn.multi_head import MultiHeadAttention
+from attention_jax.nn.blocks import AttentionFactory, BlockConfig, TransformerBlock, block_config, make_norm
 
 Array = jax.Array
 
+Attention = AttentionFactory | Sequence[AttentionFactory] | None
 
-def _factories(attention, num_layers: int) -> list:
+
+def _factories(attention, num_layers: int, config: BlockConfig) -> list:
+    if attention is None:
+        attention = config.default_attention()
     if isinstance(attention, Sequence):
         if len(attention) != num_layers:
             raise ValueError(f"attention has {len(attention)} factories for num_layers={num_layers}.")
@@ -34,41 +43,35 @@ class _Stack(nnx.Module):
         num_layers: int,
         features: int,
         *,
-        attention: AttentionFactory | Sequence[AttentionFactory] | None,
+        attention: Attention,
         cross_attention: AttentionFactory | None,
-        num_heads: int,
-        mlp: str,
-        mlp_features: int | None,
-        norm: str,
-        norm_epsilon: float,
-        dropout_rate: float,
-        remat: bool,
-        dtype: Any,
-        param_dtype: Any,
+        config: BlockConfig,
         rngs: nnx.Rngs,
     ):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError(f"num_layers must be a positive integer, got {num_layers=!r}.")
-        block = dict(
-            num_heads=num_heads, cross_attention=cross_attention, mlp=mlp, mlp_features=mlp_features, norm=norm,
-            norm_epsilon=norm_epsilon, dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        )  # fmt: skip
+        self.config = config
         self.blocks = nnx.List(
             [
-                TransformerBlock(features, attention=factory, depth=i + 1, **block)
-                for i, factory in enumerate(_factories(attention, num_layers))
+                TransformerBlock(
+                    features, attention=factory, cross_attention=cross_attention, config=config, depth=i + 1, rngs=rngs
+                )
+                for i, factory in enumerate(_factories(attention, num_layers, config))
             ]
         )
         self.final_norm = make_norm(
-            norm, features, epsilon=norm_epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        self.remat = remat
+            config.norm, features, epsilon=config.norm_epsilon, dtype=config.dtype, param_dtype=config.param_dtype,
+            rngs=rngs,
+        )  # fmt: skip
 
     def run(self, x: Array, *, cache: Sequence | None = None, **kwargs):
+        """Every block over ``x [B, T, D]`` with the same call keywords, one cache per block."""
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"cache must hold one entry per layer ({len(self.blocks)}), got {len(cache)}.")
         new_caches = []
         for i, block in enumerate(self.blocks):
             layer_kwargs = dict(kwargs, cache=None if cache is None else cache[i])
-            if self.remat:
+            if self.config.remat:
                 # Keyword arguments hold static flags (deterministic) as well as arrays: close over them.
                 out = nnx.remat(lambda b, h, kw=layer_kwargs: b(h, **kw))(block, x)
             else:
@@ -86,12 +89,14 @@ _STACK_DOC = """
     Args:
       num_layers: number of blocks.
       features: D.
-      attention: an attention factory (``factory(features, rngs=rngs)``, see
-        :data:`attention_jax.nn.blocks.AttentionFactory`) or one per layer; default
-        ``MultiHeadAttention`` with ``num_heads`` heads.
-      mlp, mlp_features, norm, norm_epsilon, dropout_rate: as in :class:`TransformerBlock`.
-      remat: rematerialise each block in the backward pass (``nnx.remat``).
-      dtype, param_dtype, rngs: as usual.
+      attention: an attention factory (``factory(features, rngs=rngs)`` building an
+        :class:`~attention_jax.nn.AttentionLayer`, see
+        :data:`attention_jax.nn.blocks.AttentionFactory`) or a sequence of one per layer (hybrid
+        stacks); default ``MultiHeadAttention`` with ``config.num_heads`` heads.
+      config: a :class:`~attention_jax.nn.BlockConfig`; keyword ``options`` (its field names:
+        ``num_heads``, ``mlp``, ``mlp_features``, ``norm``, ``norm_epsilon``, ``dropout_rate``,
+        ``deterministic``, ``remat``, ``dtype``, ``param_dtype``) override it.
+      rngs: as usual.
 """
 
 
@@ -114,28 +119,28 @@ class TransformerEncoder(_Stack):
         num_layers: int,
         features: int,
         *,
-        attention: AttentionFactory | Sequence[AttentionFactory] | None = None,
-        num_heads: int = 4,
-        mlp: str = "swiglu",
-        mlp_features: int | None = None,
-        norm: str = "rms",
-        norm_epsilon: float = 1e-6,
-        dropout_rate: float = 0.0,
-        remat: bool = False,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        attention: Attention = None,
+        config: BlockConfig | None = None,
         rngs: nnx.Rngs,
+        **options: Any,
     ):
-        super().__init__(
-            num_layers, features, attention=attention, cross_attention=None, num_heads=num_heads, mlp=mlp,
-            mlp_features=mlp_features, norm=norm, norm_epsilon=norm_epsilon, dropout_rate=dropout_rate, remat=remat,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        )  # fmt: skip
+        config = block_config(config, options)
+        super().__init__(num_layers, features, attention=attention, cross_attention=None, config=config, rngs=rngs)
 
-    def __call__(self, x: Array, *, mask=None, lengths: Array | None = None, deterministic: bool | None = None):
-        """``x [B, T, D]`` to ``[B, T, D]``; ``lengths [B]`` masks right padding of the keys."""
-        given = dict(mask=mask, lengths=lengths, deterministic=deterministic)
-        return self.run(x, **{k: v for k, v in given.items() if v is not None})
+    def __call__(
+        self,
+        x: Array,
+        *,
+        mask: masks_lib.Mask | Array | None = None,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        lengths: Array | None = None,
+        deterministic: bool | None = None,
+    ):
+        """``x [B, T, D]`` to ``[B, T, D]``; the keywords as in :class:`~attention_jax.nn.AttentionLayer`."""
+        return self.run(
+            x, mask=mask, positions=positions, segment_ids=segment_ids, lengths=lengths, deterministic=deterministic
+        )
 
 
 class TransformerDecoder(_Stack):
@@ -143,8 +148,8 @@ class TransformerDecoder(_Stack):
         """Causal decoder over ``x [B, T, D]`` with cross-attention to an encoder output ``context [B, S, D]``.
 
     ``cross_attention`` is the cross-attention factory (default ``MultiHeadAttention`` with
-    ``num_heads``). Decoding caches the self-attention only: cross-attention reads ``context`` at
-    every step.
+    ``config.num_heads``); ``mask`` the self-attention's default (``causal()``). Decoding caches the
+    self-attention only: cross-attention reads ``context`` at every step.
 """
         + _STACK_DOC
         + """
@@ -161,29 +166,18 @@ class TransformerDecoder(_Stack):
         num_layers: int,
         features: int,
         *,
-        attention: AttentionFactory | Sequence[AttentionFactory] | None = None,
+        attention: Attention = None,
         cross_attention: AttentionFactory | None = None,
-        num_heads: int = 4,
         mask: masks_lib.Mask | None = None,
-        mlp: str = "swiglu",
-        mlp_features: int | None = None,
-        norm: str = "rms",
-        norm_epsilon: float = 1e-6,
-        dropout_rate: float = 0.0,
-        remat: bool = False,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        config: BlockConfig | None = None,
         rngs: nnx.Rngs,
+        **options: Any,
     ):
-        if cross_attention is None:
-            cross_attention = functools.partial(
-                MultiHeadAttention, num_heads=num_heads, dtype=dtype, param_dtype=param_dtype
-            )
+        config = block_config(config, options)
+        cross_attention = config.default_attention() if cross_attention is None else cross_attention
         super().__init__(
-            num_layers, features, attention=attention, cross_attention=cross_attention, num_heads=num_heads, mlp=mlp,
-            mlp_features=mlp_features, norm=norm, norm_epsilon=norm_epsilon, dropout_rate=dropout_rate, remat=remat,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        )  # fmt: skip
+            num_layers, features, attention=attention, cross_attention=cross_attention, config=config, rngs=rngs
+        )
         self.mask = masks_lib.causal() if mask is None else mask
 
     def __call__(
@@ -191,22 +185,24 @@ class TransformerDecoder(_Stack):
         x: Array,
         context: Array,
         *,
+        mask: masks_lib.Mask | Array | None = None,
         context_lengths: Array | None = None,
         positions: Array | None = None,
+        segment_ids: Array | None = None,
         lengths: Array | None = None,
         cache: Sequence | None = None,
         deterministic: bool | None = None,
     ):
         """``x [B, T, D]`` attending causally to itself and to ``context [B, S, D]``.
 
-        ``context_lengths [B]`` masks right padding of the context. With ``cache`` (from
-        :meth:`init_cache`) returns ``(y, caches)``.
+        ``mask`` replaces the decoder's causal mask for this call; ``context_lengths [B]`` masks
+        right padding of the context. With ``cache`` (from :meth:`init_cache`) returns ``(y, caches)``.
         """
         context_mask = None if context_lengths is None else masks_lib.padding(kv_lengths=context_lengths)
-        given = dict(context_mask=context_mask, positions=positions, lengths=lengths, deterministic=deterministic)
         return self.run(
-            x, context=context, mask=self.mask, cache=cache, **{k: v for k, v in given.items() if v is not None}
-        )
+            x, context=context, mask=self.mask if mask is None else mask, context_mask=context_mask,
+            positions=positions, segment_ids=segment_ids, lengths=lengths, cache=cache, deterministic=deterministic,
+        )  # fmt: skip
 
 
 class TransformerLM(nnx.Module):
@@ -216,13 +212,16 @@ class TransformerLM(nnx.Module):
       vocab_size: V.
       features: D.
       num_layers: number of blocks.
-      attention: an attention factory or one per layer; default ``MultiHeadAttention`` with
-        ``num_heads`` heads and RoPE. The model applies ``mask`` (default ``causal()``) at every
-        call; a layer's ``sliding_window`` still restricts it.
+      attention: any :class:`~attention_jax.nn.AttentionLayer` factory, or one per layer; default
+        ``MultiHeadAttention`` with ``config.num_heads`` heads and RoPE. The model passes ``mask``
+        (default ``causal()``) to every layer at every call, so a layer built bidirectional runs
+        causally here; a layer's own structure (a sliding window, a sparse pattern) still applies.
+      mask: the model's mask; a call's ``mask`` replaces it.
       tie_embeddings: logits use the embedding matrix (default) rather than a separate head.
-      mlp, mlp_features, norm, norm_epsilon, dropout_rate, remat, dtype, param_dtype, rngs: as in
-        :class:`TransformerEncoder`.
+      config, options: the block options, as in :class:`TransformerEncoder`.
+      rngs: as usual.
 
+    >>> import functools
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> import attention_jax as aj
@@ -233,6 +232,11 @@ class TransformerLM(nnx.Module):
     >>> logits, cache = lm(tokens, cache=lm.init_cache(2, 8))
     >>> len(cache), int(cache[0].lengths[0])
     (2, 5)
+    >>> hybrid = aj.nn.TransformerLM(32, 16, 2, attention=[
+    ...     functools.partial(aj.nn.LinearAttention, num_heads=2),
+    ...     functools.partial(aj.nn.MultiHeadAttention, num_heads=2)], rngs=nnx.Rngs(0))
+    >>> hybrid(tokens, segment_ids=jnp.array([[0, 0, 1, 1, 1]] * 2)).shape
+    (2, 5, 32)
     """
 
     def __init__(
@@ -241,63 +245,58 @@ class TransformerLM(nnx.Module):
         features: int,
         num_layers: int,
         *,
-        attention: AttentionFactory | Sequence[AttentionFactory] | None = None,
-        num_heads: int = 4,
+        attention: Attention = None,
         mask: masks_lib.Mask | None = None,
-        mlp: str = "swiglu",
-        mlp_features: int | None = None,
-        norm: str = "rms",
-        norm_epsilon: float = 1e-6,
-        dropout_rate: float = 0.0,
         tie_embeddings: bool = True,
-        remat: bool = False,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        config: BlockConfig | None = None,
         rngs: nnx.Rngs,
+        **options: Any,
     ):
+        config = block_config(config, options)
         if attention is None:
-            attention = functools.partial(
-                MultiHeadAttention, num_heads=num_heads, rope=positional.RoPE(), dtype=dtype, param_dtype=param_dtype
-            )
-        self.vocab_size, self.features = vocab_size, features
+            attention = config.default_attention(rope=positional.RoPE())
+        self.vocab_size, self.features, self.config = vocab_size, features, config
         self.mask = masks_lib.causal() if mask is None else mask
-        self.embed = nnx.Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.stack = _Stack(
-            num_layers, features, attention=attention, cross_attention=None, num_heads=num_heads, mlp=mlp,
-            mlp_features=mlp_features, norm=norm, norm_epsilon=norm_epsilon, dropout_rate=dropout_rate, remat=remat,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        )  # fmt: skip
+        dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+        self.embed = nnx.Embed(vocab_size, features, **dtypes, rngs=rngs)
+        self.stack = _Stack(num_layers, features, attention=attention, cross_attention=None, config=config, rngs=rngs)
         self.head = (
             nnx.data(None)
             if tie_embeddings
-            else nnx.Linear(features, vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            else nnx.Linear(features, vocab_size, use_bias=False, **dtypes, rngs=rngs)
         )
 
     def __call__(
         self,
         tokens: Array,
         *,
+        mask: masks_lib.Mask | Array | None = None,
         positions: Array | None = None,
+        segment_ids: Array | None = None,
         lengths: Array | None = None,
         cache: Sequence | None = None,
         deterministic: bool | None = None,
     ):
         """Logits ``[B, T, V]`` for ``tokens [B, T]`` (int); with ``cache`` returns ``(logits, caches)``.
 
-        ``lengths [B]``: real tokens per row (right padding), appended to the cache when decoding.
+        ``segment_ids [B, T]``: packed documents (each attends within itself, positions restart);
+        ``lengths [B]``: real tokens per row (right padding), appended to the cache when decoding;
+        ``mask`` replaces the model's mask for this call.
         """
         if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
             raise ValueError(
                 f"tokens must be integers of shape [B, T], got {jnp.result_type(tokens)} {jnp.shape(tokens)}."
             )
         x = self.embed(tokens)  # [B, T, D]
-        given = dict(positions=positions, lengths=lengths, deterministic=deterministic)
-        out = self.stack.run(x, mask=self.mask, cache=cache, **{k: v for k, v in given.items() if v is not None})
+        out = self.stack.run(
+            x, mask=self.mask if mask is None else mask, positions=positions, segment_ids=segment_ids,
+            lengths=lengths, cache=cache, deterministic=deterministic,
+        )  # fmt: skip
         x, cache = out if cache is not None else (out, None)
         logits = self.embed.attend(x) if self.head is None else self.head(x)  # [B, T, V]
         return logits if cache is None else (logits, cache)
 
     def init_cache(self, batch_size: int, max_length: int, *, kind: str = "dense", **options) -> tuple:
-        """One cache per layer (see ``MultiHeadAttention.init_cache``; ``kind="rolling"`` applies to
-        the layers with a sliding window, the others get a dense cache)."""
+        """One cache per layer (see the protocol's ``init_cache``; ``kind="rolling"`` applies to the
+        layers with a sliding window, the others get a dense cache; recurrent layers keep a state)."""
         return self.stack.init_cache(batch_size, max_length, kind=kind, **options)
