@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,9 @@ import pytest
 from flax import nnx
 from helpers import assert_close, naive_attention
 
+import attention_jax as aj
 from attention_jax import masks
+from attention_jax.functional.multi_head import weighted_values
 from attention_jax.functional.positional_attention import (
     factorized_positional_logits,
     gated_positional_attention,
@@ -84,3 +88,89 @@ def test_bad_configurations_raise():
         PositionalAttention(8, 2, max_length=4, rngs=nnx.Rngs(0))(jnp.ones((1, 5, 8)))
     with pytest.raises(ValueError, match="rank"):
         PositionalAttention(8, 2, max_length=4, rank=0, rngs=nnx.Rngs(0))
+
+
+def _layer(gated, rank=None, mask=None):
+    return PositionalAttention(
+        16, 4, num_kv_heads=2, max_length=12, rank=rank, gated=gated, mask=mask, rngs=nnx.Rngs(int(gated))
+    )
+
+
+def _positional_reference(layer, x, q_pos, kv_pos, mask):
+    """The layer's output from the learned table indexed by hand at the given positions (no gate)."""
+    if layer.logits is not None:
+        logits = layer.logits[...][:, q_pos][:, :, kv_pos]  # [N, T, S]
+    else:
+        logits = factorized_positional_logits(layer.query_positions[...][q_pos], layer.key_positions[...][kv_pos])
+    return layer.out(positional_attention(layer.value(x), logits, mask=mask))
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_positions_index_the_learned_table(rank):
+    layer = _layer(False, rank)
+    x = randn(10, 2, 6, 16)
+    positions = jnp.array([3, 4, 5, 6, 7, 8])
+    expected = _positional_reference(layer, x, positions, positions, masks.causal())
+    assert_close(layer(x, positions=positions, mask=masks.causal()), expected)
+    assert not np.allclose(layer(x, mask=masks.causal()), expected, atol=1e-4)  # positions did matter
+    with pytest.raises(ValueError, match="max_length=12"):
+        layer(x, positions=positions + 7)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_packed_segments_and_padding_equal_documents_run_separately(gated):
+    layer = _layer(gated, mask=masks.causal())
+    docs = (4, 6)
+    x = randn(11, 2, sum(docs), 16)
+    segment_ids = jnp.asarray(np.repeat(np.arange(2), docs)[None].repeat(2, 0))
+    run = nnx.jit(lambda layer, x, **kw: layer(x, **kw))
+    packed = run(layer, x, segment_ids=segment_ids)
+    start = 0
+    for length in docs:
+        assert_close(packed[:, start : start + length], run(layer, x[:, start : start + length]))
+        start += length
+    # Right padding: real rows equal the real tokens alone, with a bidirectional mask too.
+    padded = run(layer, x, mask=masks.full(), lengths=jnp.array([10, 7]))
+    assert_close(padded[1, :7], run(layer, x[1:, :7], mask=masks.full())[0])
+
+
+@functools.partial(nnx.jit, static_argnames="steps")
+def _full_and_decode(layer, seq, prompt, lengths, steps):
+    full = layer(seq)
+    cache = layer.init_cache(seq.shape[0], prompt.shape[1] + steps)
+    first, cache = layer(prompt, cache=cache, lengths=lengths)
+    outs = []
+    for j in range(steps):
+        token = jnp.take_along_axis(seq, (lengths + j)[:, None, None], axis=1)  # [B, 1, D]
+        y, cache = layer(token, cache=cache)
+        outs.append(y[:, 0])
+    return full, first, jnp.stack(outs, axis=1)
+
+
+@pytest.mark.parametrize("gated, rank", [(False, None), (True, 3)])
+def test_decode_equals_full_forward(gated, rank):
+    layer = _layer(gated, rank, mask=masks.causal())
+    prompt_lengths, steps = (6, 3), 3
+    seq = randn(12, 2, max(prompt_lengths) + steps, 16)
+    prompt = seq[:, : max(prompt_lengths)]
+    real = np.arange(prompt.shape[1])[None, :, None] < np.array(prompt_lengths)[:, None, None]
+    prompt = jnp.where(real, prompt, 10 * randn(13, *prompt.shape))  # padding must not leak
+    full, first, decoded = _full_and_decode(layer, seq, prompt, jnp.asarray(prompt_lengths), steps)
+    for b, length in enumerate(prompt_lengths):
+        assert_close(first[b, :length], full[b, :length])
+        assert_close(decoded[b], full[b, length : length + steps])
+
+
+def test_recorded_weights_reproduce_the_output_and_cross_attention():
+    x, context = randn(14, 2, 5, 16), randn(15, 2, 7, 16)
+    for layer in (_layer(False), _layer(True, 3)):
+        assert isinstance(layer, aj.nn.AttentionLayer)
+        with aj.nn.record_attention_weights(layer):
+            y, recorded = nnx.capture(layer, nnx.Intermediate)(x, context)
+        (weights,) = recorded["attention_weights"]
+        chex.assert_shape(weights, (2, 4, 5, 7))
+        assert_close(layer.out(weighted_values(weights, layer.value(context))), y)
+    ungated = _layer(False)
+    assert_close(ungated(x, context), _positional_reference(ungated, context, jnp.arange(5), jnp.arange(7), None))
+    with pytest.raises(ValueError, match="max_length"):
+        ungated.init_cache(2, 13)
