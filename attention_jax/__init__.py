@@ -8,7 +8,8 @@
 
 Submodules: ``masks``, ``score_mods``, ``positional``, ``functional`` (every variant as a pure
 function), ``nn`` (Flax NNX modules), ``cache`` (KV caches), ``sparse_patterns`` (Longformer,
-BigBird, Sparse Transformer masks), ``explain`` (attention maps; imported on demand).
+BigBird, Sparse Transformer masks), ``explain`` (attention maps; imported on first use of
+``aj.explain``).
 """
 
 from attention_jax import cache, functional, masks, nn, positional, score_mods, sparse_patterns
@@ -31,3 +32,12 @@ __all__ = [
     "sequence_parallel_attention",
     "sparse_patterns",
 ]
+
+
+def __getattr__(name: str):
+    # explain is loaded on first use (``aj.explain.capture``): a plain ``import attention_jax`` stays lean.
+    if name == "explain":
+        import importlib
+
+        return importlib.import_module("attention_jax.explain")
+    raise AttributeError(f"module 'attention_jax' has no attribute {name!r}")

@@ -2,10 +2,13 @@
 
 The 1,797 digits ship with scikit-learn (no download). Each 8x8 image is cut into 2x2 patches (16 tokens plus a
 class token); a 4-block ViT reaches about 97% test accuracy in a minute or two on a laptop CPU. Then, for a
-few test images, it draws where the class token looks, three ways (see ``attention_jax.explain``):
+few test images, it draws where the class token looks and what speaks for the predicted class (see
+``attention_jax.explain``):
 
-* attention rollout (Abnar & Zuidema, 2020): the product of the head-averaged maps with the residual;
+* attention rollout and attention flow (Abnar & Zuidema, 2020): the head-averaged maps with the residual;
 * the gradient-weighted relevance of Chefer et al. (2021), class-specific (when the modules support it);
+* CDAM, class-discriminative attention maps (Brocki & Chung, 2023): gradient times input of the tokens the
+  last attention layer reads, signed (evidence for and against the class);
 * Grad-CAM at the last attention layer (on the tokens it reads).
 
     python examples/vit_digits.py                 # trains, prints test accuracy, writes outputs/vit_digits/*.png
@@ -105,15 +108,15 @@ def train(args, x_train, y_train, x_test, y_test):
 
 
 def explain_images(model, images, labels, out_dir: Path) -> list[str]:
-    """Rollout, gradient-weighted relevance and Grad-CAM of the class token for ``images [B, 8, 8, 1]``."""
+    """Rollout, flow, gradient-weighted relevance, CDAM and Grad-CAM of the class token for ``images [B, 8, 8, 1]``."""
     logits, weights = explain.capture(model, images)
     predicted = np.asarray(jnp.argmax(logits, -1))
     titles = [f"label {int(y)}, said {int(p)}" for y, p in zip(labels, predicted)]
     pictures = np.asarray(images[..., 0])
     written = []
 
-    def save(name, patch_map, heading):
-        fig = explain.plot_patch_overlay(pictures, np.asarray(patch_map), titles=titles)
+    def save(name, patch_map, heading, signed=False):
+        fig = explain.plot_patch_overlay(pictures, np.asarray(patch_map), titles=titles, signed=signed)
         fig.suptitle(heading)
         fig.savefig(out_dir / name, dpi=110)
         written.append(name)
@@ -131,6 +134,8 @@ def explain_images(model, images, labels, out_dir: Path) -> list[str]:
     else:
         relevance = explain.gradient_weighted_rollout(attn, grads)
         save("relevance.png", relevance[:, 0, 1:], "gradient-weighted relevance (Chefer et al.) of the class token")
+    cdam = explain.cdam(model, score, images)  # [B, T]: one signed score per token
+    save("cdam.png", cdam[:, 1:], "CDAM for the predicted class (red: for, blue: against)", signed=True)
     acts, grads = explain.layer_gradients(model, score, images)  # the tokens entering the last attention layer
     save("grad_cam.png", explain.grad_cam(acts[:, 1:], grads[:, 1:]), "Grad-CAM at the last attention layer")
 

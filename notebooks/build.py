@@ -46,7 +46,7 @@ SMALL = os.environ.get("ATTENTION_JAX_SMALL") == "1"  # the test suite runs the 
 """
 
 
-def notebook(name: str, title: str, cells: list):
+def notebook(title: str, cells: list):
     head = [new_markdown_cell(f"# {title}\n\n{OPENING}"), new_code_cell(INSTALL)]
     nb = new_notebook(cells=head + cells)
     nb.metadata = {
@@ -301,7 +301,8 @@ q = jax.random.normal(jax.random.key(2), (1, T, 4, 32))
 kv = jax.random.normal(jax.random.key(3), (1, T, 2, 32))
 out = aj.sequence_parallel_attention(q, kv, kv, mesh=mesh, axis="sp", mask=aj.masks.causal())
 ref = aj.dot_product_attention(q, kv, kv, mask=aj.masks.causal())
-print(f"T={T} over {mesh.shape['sp']} devices: max |ring - single device| = {float(jnp.max(jnp.abs(out - ref))):.1e}")"""),
+error = float(jnp.max(jnp.abs(out - ref)))
+print(f"T={T} over {mesh.shape['sp']} devices: max |ring - single device| = {error:.1e}")"""),
     md("""\
 With a causal mask and contiguous shards, the device holding the end of the sequence does most of the work. The
 *zigzag* and *striped* layouts give every device an early and a late part of the sequence, so the work is
@@ -324,7 +325,8 @@ for layout in layouts:
 ## Pallas kernels
 
 On a GPU or TPU, `implementation="pallas"` runs the Pallas flash-attention kernels (forward and backward) with
-the same block maps. On a CPU the call explains why it cannot serve it:"""),
+the same block maps. On a CPU the same kernel bodies run in Pallas' interpreter: exact but slow, meant for tests
+and small inputs. A call a backend cannot serve raises a `ValueError` that says why:"""),
     code("""\
 try:
     aj.dot_product_attention(q[:, :256], kv[:, :256], kv[:, :256], mask=aj.masks.causal(), implementation="pallas")
@@ -341,7 +343,8 @@ Attention weights are a window into a model, with caveats: a single layer's map 
 the other layers, and it says nothing about *which class* a token supports. `attention_jax.explain` captures the
 weights of any model built from `attention_jax.nn` (no code changes, fast paths kept) and offers the standard
 corrections: **rollout** and **flow** (Abnar & Zuidema, 2020), **gradient-weighted relevance**
-(Chefer et al., 2021) and **Grad-CAM**. We train a tiny Vision Transformer on scikit-learn's 8x8 digits."""),
+(Chefer et al., 2021), **CDAM** (class-discriminative attention maps, Brocki & Chung, 2023) and **Grad-CAM**.
+We train a tiny Vision Transformer on scikit-learn's 8x8 digits."""),
     code(SMALL + """\
 import jax
 import jax.numpy as jnp
@@ -409,16 +412,17 @@ rollout = explain.attention_rollout(weights)                 # [B, T, T]
 explain.plot_patch_overlay(pictures, rollout[:, 0, 1:], titles=titles).suptitle("rollout (mean over heads)")"""),
     code("""\
 sharp = explain.attention_rollout(weights, head_fusion="max", discard_ratio=0.5)
-explain.plot_patch_overlay(pictures, sharp[:, 0, 1:], titles=titles).suptitle("rollout (max over heads, discard 50%)")"""),
+fig = explain.plot_patch_overlay(pictures, sharp[:, 0, 1:], titles=titles)
+fig.suptitle("rollout (max over heads, discard 50%)")"""),
     code("""\
 flow = explain.attention_flow(weights, query_index=0)        # [B, T]: max flow into the class token
 explain.plot_patch_overlay(pictures, flow[:, 1:], titles=titles).suptitle("attention flow")"""),
     md("""\
-## Class-discriminative maps
+## Class-discriminative maps: gradient-weighted relevance
 
 Rollout is the same whatever class we ask about. Weighting each layer's attention by the gradient of a class
-score (keeping the positive part, averaging over heads, then rolling out) gives a map *for that class*. Below,
-for the same image: the evidence for the predicted class, and for another class."""),
+score (keeping the positive part, averaging over heads, then rolling out) gives a map *for that class*
+(Chefer et al.). Below, for the same image: the evidence for the predicted class, and for another class."""),
     code("""\
 def class_score(cls):
     return lambda out: jnp.sum(out * jax.nn.one_hot(cls, 10))
@@ -426,13 +430,15 @@ def class_score(cls):
 
 attn, grads = explain.attention_gradients(model, class_score(predicted), images)
 relevance = explain.gradient_weighted_rollout(attn, grads)   # [B, T, T]
-explain.plot_patch_overlay(pictures, relevance[:, 0, 1:], titles=titles).suptitle("relevance for the predicted class")"""),
+fig = explain.plot_patch_overlay(pictures, relevance[:, 0, 1:], titles=titles)
+fig.suptitle("relevance for the predicted class")"""),
     code("""\
 other = (predicted + 1) % 10
 attn, grads = explain.attention_gradients(model, class_score(other), images)
 relevance_other = explain.gradient_weighted_rollout(attn, grads)
 titles_other = [f"evidence for {c}" for c in other]
-explain.plot_patch_overlay(pictures, relevance_other[:, 0, 1:], titles=titles_other).suptitle("relevance for another class")"""),
+fig = explain.plot_patch_overlay(pictures, relevance_other[:, 0, 1:], titles=titles_other)
+fig.suptitle("relevance for another class")"""),
     md("""\
 Grad-CAM, transplanted from CNNs: weight the channels of the patch tokens by their mean gradient, sum, and keep
 the positive part. The tokens are those the last attention layer reads: after it, only the class token reaches
@@ -441,6 +447,20 @@ the classifier, so the other tokens of its output have no gradient."""),
 acts, grads = explain.layer_gradients(model, class_score(predicted), images)  # [B, T, D] each
 cam = explain.grad_cam(acts[:, 1:], grads[:, 1:])                              # drop the class token
 explain.plot_patch_overlay(pictures, cam, titles=titles).suptitle("Grad-CAM at the last attention layer")"""),
+    md("""\
+## CDAM: class-discriminative attention maps
+
+CDAM (Brocki & Chung, 2023) scores each token entering the last attention layer by gradient times input: the
+token's channels times the gradient of the class score, summed. Unlike Grad-CAM the score keeps its sign
+(red: evidence for the class, blue: against) and each token its own gradient; unlike the relevance above it
+needs no attention weights, so it works with any attention module. `explain.cdam` returns `[B, T]`."""),
+    code("""\
+for_predicted = explain.cdam(model, class_score(predicted), images)[:, 1:]  # [B, 16]: the class token dropped
+fig = explain.plot_patch_overlay(pictures, for_predicted, titles=titles, signed=True)
+fig.suptitle("CDAM for the predicted class")
+for_other = explain.cdam(model, class_score(other), images)[:, 1:]
+fig = explain.plot_patch_overlay(pictures, for_other, titles=titles_other, signed=True)
+fig.suptitle("CDAM for another class")"""),
     md("""\
 ## Attention over text
 
@@ -459,11 +479,9 @@ explain.plot_attention(lm_weights[list(lm_weights)[-1]][0, 0], x_labels=words, y
 def notebooks() -> dict:
     """``{file name: notebook}`` of every notebook this script writes."""
     return {
-        "01_attention_variants.ipynb": notebook("01_attention_variants.ipynb", "A tour of the attention variants", TOUR),
-        "02_flash_and_ring_attention.ipynb": notebook(
-            "02_flash_and_ring_attention.ipynb", "Flash (blockwise) and ring attention on a CPU", FLASH_RING
-        ),
-        "03_attention_maps.ipynb": notebook("03_attention_maps.ipynb", "Attention maps as explanations", MAPS),
+        "01_attention_variants.ipynb": notebook("A tour of the attention variants", TOUR),
+        "02_flash_and_ring_attention.ipynb": notebook("Flash (blockwise) and ring attention on a CPU", FLASH_RING),
+        "03_attention_maps.ipynb": notebook("Attention maps as explanations", MAPS),
     }
 
 

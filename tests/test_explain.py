@@ -1,5 +1,7 @@
 """attention_jax.explain: rollout, flow and gradient maps against hand computations; capture on real modules."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,11 +234,6 @@ def test_capture_names_repeated_calls():
     np.testing.assert_allclose(weights["[1]"], explain.capture(layer, layer(x))[1][""], atol=1e-6)
 
 
-def test_capture_without_attention_modules_raises():
-    with pytest.raises(ValueError, match="no attention weights"):
-        explain.capture(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), jnp.ones((1, 2)))
-
-
 @pytest.mark.parametrize("at", ["input", "output"])
 def test_layer_gradients_equal_direct_gradient(at):
     model = TwoLayers(rngs=nnx.Rngs(0))
@@ -328,3 +325,127 @@ def test_plots_return_figures(tmp_path):
         explain.plot_patch_overlay(np.zeros((2, 8, 8)), np.zeros((3, 16)))
     with pytest.raises(ValueError, match="grid"):
         explain.plot_patch_overlay(np.zeros((1, 8, 8)), np.zeros((1, 7)))
+
+
+# --- capture from any attention module -------------------------------------------------------------
+
+
+def vit_with(attention, seed=0):
+    """A two-block ViT on 8x8 single-channel images: 2x2 patches of 4x4 pixels, so T = 5 tokens."""
+    return aj.nn.VisionTransformer(image_size=8, patch_size=4, in_channels=1, num_classes=3, features=16, depth=2,
+                                   num_heads=2, attention=attention, rngs=nnx.Rngs(seed))
+
+
+VIT_ATTENTION = {
+    "multi_head": dict(),
+    "longformer_pattern": dict(pattern=aj.sparse_patterns.longformer(1, global_tokens=(0,))),
+}
+
+
+def softmax_weights(layer, x, allowed):
+    """softmax(q k^T / sqrt(H)) where ``allowed [T, S]``, from the layer's own projections, float64 numpy."""
+    q, k = (np.asarray(p(x), np.float64) for p in (layer.query, layer.key))  # [B, T, N, H]
+    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(allowed, s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    return w / w.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("variant", sorted(VIT_ATTENTION))
+def test_capture_records_one_map_per_layer_of_a_vit(variant):
+    options = VIT_ATTENTION[variant]
+    model = vit_with(functools.partial(aj.nn.MultiHeadAttention, num_heads=2, **options))
+    images = jax.random.uniform(jax.random.key(5), (2, 8, 8, 1))
+    logits, weights = explain.capture(model, images)
+    assert list(weights) == ["encoder/blocks/0/attention", "encoder/blocks/1/attention"]
+    assert_close(logits, model(images))
+    allowed = np.ones((5, 5), bool) if not options else np.asarray(options["pattern"].dense(5, 5)).reshape(5, 5)
+    if options:
+        assert not allowed.all()  # the pattern hides something, so the check below can fail
+    for w in weights.values():
+        assert w.shape == (2, 2, 5, 5) and w.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, atol=1e-5)
+        assert np.all(np.asarray(w)[..., ~allowed] == 0)
+    # The last map against a hand computation from the tokens the last layer received.
+    tokens, _ = explain.layer_gradients(model, lambda out: out.sum(), images)
+    last = model.encoder.blocks[1].attention
+    np.testing.assert_allclose(weights["encoder/blocks/1/attention"], softmax_weights(last, tokens, allowed),
+                               atol=2e-5)
+
+
+def test_capture_without_recording_modules_says_so():
+    with pytest.raises(ValueError, match="no attention module that can record"):
+        explain.capture(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), jnp.ones((1, 2)))
+    with pytest.raises(ValueError, match="no attention module that can record"):
+        explain.attention_gradients(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), jnp.sum, jnp.ones((1, 2)))
+
+
+class SilentRecorder(nnx.Module):
+    """Has the recording flag but sows nothing: capture must not pretend that is an empty map."""
+
+    def __init__(self):
+        self.record_weights = False
+
+    def __call__(self, x):
+        return x
+
+
+def test_capture_of_modules_that_record_nothing_raises():
+    with pytest.raises(ValueError, match="were not called, or they do not sow"):
+        explain.capture(SilentRecorder(), jnp.ones((1, 3, 2)))
+
+
+# --- CDAM ------------------------------------------------------------------------------------------
+
+
+def test_cdam_scores_match_numpy():
+    rng = np.random.default_rng(6)
+    x, g = rng.normal(size=(2, 7, 5)), rng.normal(size=(2, 7, 5))
+    np.testing.assert_allclose(explain.cdam_scores(x, g), (x * g).sum(-1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[B, T, D\]"):
+        explain.cdam_scores(x, g[:, :3])
+
+
+def test_cdam_equals_gradient_times_input_by_hand():
+    model = TwoLayers(rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(7), (2, 6, 8))
+    score = lambda logits: logits[:, 0].sum()
+    h = x + model.layers[0](x)  # the tokens the last attention layer receives
+
+    def by_hand(tokens):
+        return score(model.head((h + model.layers[1](tokens))[:, -1]))
+
+    expected = np.sum(np.asarray(h) * np.asarray(jax.grad(by_hand)(h)), axis=-1)  # [B, T]
+    scores = explain.cdam(model, score, x)
+    assert scores.shape == (2, 6) and scores.dtype == jnp.float32
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(scores).max()) > 0
+
+    def first_layer_by_hand(tokens):  # layer= picks another attention module: the first one's input
+        h = x + model.layers[0](tokens)
+        return score(model.head((h + model.layers[1](h))[:, -1]))
+
+    expected = np.sum(np.asarray(x) * np.asarray(jax.grad(first_layer_by_hand)(x)), axis=-1)
+    np.testing.assert_allclose(explain.cdam(model, score, x, layer="layers/0"), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", sorted(VIT_ATTENTION))
+def test_cdam_of_a_vit_is_class_discriminative(variant):
+    model = vit_with(functools.partial(aj.nn.MultiHeadAttention, num_heads=2, **VIT_ATTENTION[variant]), seed=3)
+    images = jax.random.uniform(jax.random.key(8), (2, 8, 8, 1))
+    per_class = [explain.cdam(model, lambda out, c=c: out[:, c].sum(), images) for c in range(3)]
+    assert all(s.shape == (2, 5) for s in per_class)
+    assert float(jnp.abs(per_class[0] - per_class[1]).max()) > 1e-4  # another class, another map
+    # The score is linear in the gradient: the map of a sum of class scores is the sum of their maps.
+    summed = explain.cdam(model, lambda out: out.sum(), images)
+    np.testing.assert_allclose(summed, sum(per_class), rtol=1e-4, atol=1e-5)
+
+
+def test_signed_overlay_keeps_zero_at_zero():
+    maps = np.array([[-2.0, 0.0, 1.0, 0.5]])  # 2 x 2 patches, one image
+    fig = explain.plot_patch_overlay(np.zeros((1, 4, 4)), maps, signed=True)
+    overlay = fig.axes[1].get_images()[-1]
+    np.testing.assert_allclose(np.asarray(overlay.get_array()), [[-1.0, 0.0], [0.5, 0.25]])
+    assert overlay.get_clim() == (-1.0, 1.0) and overlay.get_cmap().name == "bwr"
+    unsigned = explain.plot_patch_overlay(np.zeros((1, 4, 4)), maps).axes[1].get_images()[-1]
+    np.testing.assert_allclose(np.asarray(unsigned.get_array()), [[0.0, 2 / 3], [1.0, 2.5 / 3]], atol=1e-6)

@@ -2,8 +2,9 @@
 
 * Capture: :func:`capture` (weights by module path, fast paths kept), :func:`attention_gradients`,
   :func:`layer_gradients`.
-* Maps: :func:`attention_rollout`, :func:`attention_flow`, :func:`gradient_weighted_rollout`,
-  :func:`grad_cam` (pure functions of the captured arrays).
+* Maps: :func:`attention_rollout`, :func:`attention_flow`, :func:`gradient_weighted_rollout` (Chefer et al.),
+  :func:`grad_cam`, :func:`cdam_scores` (pure functions of the captured arrays).
+* Class-discriminative attention maps (CDAM, Brocki & Chung): :func:`cdam`, token relevance for one class.
 * Plots: :func:`plot_attention`, :func:`plot_heads`, :func:`plot_patch_overlay` (matplotlib Figures).
 
 >>> import jax.numpy as jnp
@@ -18,6 +19,7 @@
 """
 
 from attention_jax.explain.capture import attention_gradients, attention_modules, capture, layer_gradients
+from attention_jax.explain.cdam import cdam, cdam_scores
 from attention_jax.explain.gradients import grad_cam, gradient_weighted_rollout
 from attention_jax.explain.plots import plot_attention, plot_heads, plot_patch_overlay
 from attention_jax.explain.rollout import HEAD_FUSIONS, attention_flow, attention_rollout, fuse_heads, with_residual
@@ -34,6 +36,8 @@ __all__ = [
     "HEAD_FUSIONS",
     "gradient_weighted_rollout",
     "grad_cam",
+    "cdam",
+    "cdam_scores",
     "plot_attention",
     "plot_heads",
     "plot_patch_overlay",

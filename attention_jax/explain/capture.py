@@ -1,8 +1,10 @@
 """Attention weights and gradients out of any model built with :mod:`attention_jax.nn`, without changing it.
 
 Every attention module of :mod:`attention_jax.nn` can record its weights (see
-:mod:`attention_jax.nn.recording`); :func:`capture` turns that on for one call and collects them by
-module path. The fast path still computes the outputs; the weights are recomputed exactly.
+:mod:`attention_jax.nn.recording`): it has a ``record_weights`` flag. :func:`capture` finds every
+module with that flag, turns it on for one call and collects the weights by module path; a model
+without such a module is a ``ValueError``, not an empty result. The fast path still computes the
+outputs; the weights are recomputed exactly.
 
 Paths are ordered naturally (list indices numerically), which for a stack of blocks is layer order.
 """
@@ -54,7 +56,11 @@ def _collect(state: nnx.State, name: str) -> dict[str, Array]:
 
 
 def attention_modules(model: nnx.Module) -> dict[str, nnx.Module]:
-    """``{path: module}`` of every module of ``model`` that can record attention weights, in natural order."""
+    """``{path: module}`` of every module of ``model`` that can record attention weights, in natural order.
+
+    That is any module with a ``record_weights`` attribute, the recording flag of the attention-layer protocol
+    (:class:`attention_jax.nn.AttentionLayer`), whatever its class: a user's own module qualifies by having it.
+    """
     found = {
         _path(parts): module
         for parts, module in nnx.iter_graph(model)
@@ -79,13 +85,28 @@ def capture(model: nnx.Module, *args, call: Callable | None = None, **kwargs) ->
     >>> {path: w.shape for path, w in weights.items()}        # the model itself has the empty path
     {'': (1, 2, 3, 3)}
     """
+    recorders = _recorders(model)
     with record_attention_weights(model):
         out, state = nnx.capture(lambda m, *a, **k: _call(m, call, a, k), nnx.Intermediate)(model, *args, **kwargs)
     weights = _collect(state, WEIGHTS_NAME)
     if not weights:
-        raise ValueError(f"no attention weights were recorded: {type(model).__name__} has no attention module of "
-                         "attention_jax.nn that was called (or none supports recording).")
+        raise ValueError(
+            f"no attention weights were recorded: the modules of {type(model).__name__} that can record "
+            f"({', '.join(f'{p or type(model).__name__!r}' for p in recorders)}) were not called, or they do not "
+            f"sow {WEIGHTS_NAME!r} when record_weights is on (see attention_jax.nn.recording)."
+        )
     return out, weights
+
+
+def _recorders(model: nnx.Module) -> dict[str, nnx.Module]:
+    """:func:`attention_modules`, or a ``ValueError`` saying the model has none."""
+    found = attention_modules(model)
+    if not found:
+        raise ValueError(
+            f"no attention weights can be recorded: {type(model).__name__} has no attention module that can record "
+            "them (a module with a record_weights flag, per attention_jax.nn.AttentionLayer)."
+        )
+    return found
 
 
 def attention_gradients(
@@ -100,6 +121,7 @@ def attention_gradients(
     Needs attention modules that expose their recorded weights as an ``nnx.Perturbation`` named
     ``"attention_weights"`` with the output differentiable in them; raises ``NotImplementedError`` otherwise.
     """
+    _recorders(model)
     fn = lambda m, *a, **k: _call(m, call, a, k)
     with record_attention_weights(model):
         _, perturbations = nnx.capture(fn, nnx.Perturbation)(model, *args, **kwargs)
@@ -185,7 +207,8 @@ def layer_gradients(
     if layer is None:
         candidates = list(attention_modules(model))
         if not candidates:
-            raise ValueError(f"{type(model).__name__} has no attention module; pass layer= explicitly.")
+            raise ValueError(f"{type(model).__name__} has no attention module (no module with a record_weights flag); "
+                             "pass layer= explicitly.")
         layer = candidates[-1]
     if layer not in modules or layer == "":
         raise ValueError(f"layer must be the path of a submodule, got {layer=!r}; some paths: {sorted(modules)[:8]}.")

@@ -1,7 +1,8 @@
 """Class-discriminative maps from gradients: gradient-weighted attention rollout and Grad-CAM.
 
 The pure functions here take the attention weights (or activations) and the gradient of a class score
-with respect to them; :mod:`attention_jax.explain.model` computes those for a model.
+with respect to them; :mod:`attention_jax.explain.capture` computes those for a model. CDAM, the third
+class-discriminative map, lives in :mod:`attention_jax.explain.cdam`.
 """
 
 from __future__ import annotations

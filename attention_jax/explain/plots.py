@@ -132,18 +132,22 @@ def plot_patch_overlay(
     *,
     titles: Sequence[str] | None = None,
     alpha: float = 0.6,
-    cmap: str = "jet",
+    cmap: str | None = None,
     image_cmap: str = "gray",
     interpolation: str = "nearest",
+    signed: bool = False,
 ):
     """Images with a per-patch map (e.g. rollout from the class token) drawn over them.
 
     Args:
       images: ``[B, H, W]`` (grey) or ``[B, H, W, C]`` (for one image, add a leading axis).
       patch_maps: one map per image, ``[B, P]`` patches in row-major order or ``[B, gh, gw]``; each
-        is scaled to ``[0, 1]`` and stretched over its image.
+        is scaled to ``[0, 1]`` (min to max) and stretched over its image.
       titles: one per image.
       interpolation: how the patch map is stretched (``"nearest"`` shows the patches, ``"bilinear"`` smooths).
+      signed: for maps whose sign means something (CDAM: evidence for or against a class): scale each by its
+        largest magnitude to ``[-1, 1]`` so zero stays zero, drawn with a diverging colour map.
+      cmap: the overlay's colour map (default ``"jet"``, or ``"bwr"`` when ``signed``).
 
     One column per image: the image above, the overlay below.
 
@@ -167,13 +171,19 @@ def plot_patch_overlay(
     for i in range(count):
         image = images[i]
         grid = _patch_grid(maps[i], image.shape)
-        span = grid.max() - grid.min()
-        grid = (grid - grid.min()) / span if span > 0 else np.zeros_like(grid)
+        if signed:
+            peak = np.abs(grid).max()
+            grid, limits = (grid / peak if peak > 0 else np.zeros_like(grid)), (-1.0, 1.0)
+        else:
+            span = grid.max() - grid.min()
+            grid, limits = (grid - grid.min()) / span if span > 0 else np.zeros_like(grid), (0.0, 1.0)
         h, w = image.shape[:2]
         extent = (-0.5, w - 0.5, h - 0.5, -0.5)
         axes[0, i].imshow(image, cmap=image_cmap if image.ndim == 2 else None, extent=extent)
         axes[1, i].imshow(image, cmap=image_cmap if image.ndim == 2 else None, extent=extent)
-        axes[1, i].imshow(grid, cmap=cmap, alpha=alpha, extent=extent, interpolation=interpolation)
+        overlay_cmap = cmap or ("bwr" if signed else "jet")
+        axes[1, i].imshow(grid, cmap=overlay_cmap, alpha=alpha, extent=extent, interpolation=interpolation,
+                          vmin=limits[0], vmax=limits[1])
         if titles is not None:
             axes[0, i].set_title(str(titles[i]), fontsize=9)
         for ax in axes[:, i]:
