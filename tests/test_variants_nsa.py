@@ -12,8 +12,10 @@ import pytest
 from flax import nnx
 from helpers import assert_close
 
+import attention_jax as aj
+from attention_jax import masks
 from attention_jax.functional.nsa import compress_blocks, native_sparse_attention
-from attention_jax.nn.nsa import NativeSparseAttention
+from attention_jax.nn.nsa import NativeSparseAttention, NSACache
 
 CONFIG = dict(compress_block=4, compress_stride=2, select_block=4, num_selected=2, window=3)
 
@@ -112,3 +114,93 @@ def test_bad_configurations_raise():
         native_sparse_attention(q, q, q, kc[:, :2], kc, gates, **CONFIG)
     with pytest.raises(ValueError, match="compress_stride"):
         NativeSparseAttention(8, 2, compress_block=4, compress_stride=3, rngs=nnx.Rngs(0))
+
+
+def test_matches_the_formula_at_an_offset():
+    """Queries at q_offset + i over a longer key sequence equal those rows of the full forward."""
+    b, s, n, kv, h = 2, 13, 4, 2, 8
+    q, k, v, wk, wv = (randn(20 + i, b, s, n if i == 0 else kv, h) for i in range(5))
+    kc = compress_blocks(k, block=4, stride=2).mean(3)
+    vc = compress_blocks(v, block=4, stride=2).mean(3)
+    gates = jax.nn.sigmoid(randn(25, b, s, n, 3))
+    run = jax.jit(functools.partial(native_sparse_attention, **CONFIG))
+    full = run(q, k, v, kc, vc, gates, window_key=wk, window_value=wv)
+    offsets = jnp.array([9, 5])  # per row: 3 queries from its own position
+    rows = offsets[:, None] + jnp.arange(3)
+    pick = lambda x: jnp.take_along_axis(x, rows.reshape(b, 3, *[1] * (x.ndim - 2)), axis=1)
+    part = run(pick(q), k, v, kc, vc, pick(gates), window_key=wk, window_value=wv, q_offset=offsets)
+    assert_close(part, pick(full))
+
+
+def _layer(**options):
+    return NativeSparseAttention(16, 4, num_kv_heads=2, **CONFIG, rngs=nnx.Rngs(0), **options)
+
+
+@functools.partial(nnx.jit, static_argnames=("steps", "kind", "quantized"))
+def _full_and_decode(layer, seq, prompt, lengths, steps, kind="dense", quantized=False):
+    full = layer(seq)
+    cache = layer.init_cache(seq.shape[0], prompt.shape[1] + steps, kind=kind, quantized=quantized, page_size=4)
+    first, cache = layer(prompt, cache=cache, lengths=lengths)
+    outs = []
+    for j in range(steps):
+        token = jnp.take_along_axis(seq, (lengths + j)[:, None, None], axis=1)  # [B, 1, D]
+        y, cache = layer(token, cache=cache)
+        outs.append(y[:, 0])
+    return full, first, jnp.stack(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("kind, quantized", [("dense", False), ("paged", True)])
+def test_decode_equals_full_forward_with_two_prompt_lengths(kind, quantized):
+    """Prefill right-padded prompts of 9 and 5 tokens, then decode 5 steps each at its own positions:
+    compressed blocks complete during the prefill and during decoding, selections change."""
+    layer = _layer(value_head_dim=6)
+    prompt_lengths, steps = (9, 5), 5
+    seq = randn(30, 2, max(prompt_lengths) + steps, 16)
+    prompt = seq[:, : max(prompt_lengths)]
+    real = np.arange(prompt.shape[1])[None, :, None] < np.array(prompt_lengths)[:, None, None]
+    prompt = jnp.where(real, prompt, 10 * randn(31, *prompt.shape))  # padding must not leak
+    lengths = jnp.asarray(prompt_lengths)
+    full, first, decoded, cache = _full_and_decode(layer, seq, prompt, lengths, steps, kind, quantized)
+    assert isinstance(cache, NSACache)
+    cache.check()
+    assert cache.lengths.tolist() == [p + steps for p in prompt_lengths]
+    tol = dict(atol=3e-2 * float(jnp.abs(full).max()), rtol=0) if quantized else dict(atol=2e-5, rtol=2e-5)
+    for b, length in enumerate(prompt_lengths):
+        np.testing.assert_allclose(first[b, :length], full[b, :length], **tol)
+        np.testing.assert_allclose(decoded[b], full[b, length : length + steps], **tol)
+    # Without a cache, right padding changes no real row either.
+    padded = nnx.jit(lambda layer, x, n: layer(x, lengths=n))(layer, prompt, lengths)
+    assert_close(padded[1, :5], nnx.jit(lambda layer, x: layer(x))(layer, seq[:, :5])[1])
+
+
+def test_recorded_weights_are_causal_and_sum_to_the_gates():
+    layer = _layer()
+    assert isinstance(layer, aj.nn.AttentionLayer)
+    assert layer.query.kernel.shape == (16, 4, 4) and layer.out.kernel.shape == (4, 4, 16)
+    x = randn(32, 2, 10, 16)
+    with aj.nn.record_attention_weights(layer):
+        y, recorded = nnx.capture(layer, nnx.Intermediate)(x)
+    assert_close(y, layer(x))
+    (weights,) = recorded["attention_weights"]
+    chex.assert_shape(weights, (2, 4, 10, 10))
+    assert float(jnp.abs(jnp.triu(weights, 1)).max()) == 0.0  # nothing after the query
+    gates = jax.nn.sigmoid(layer.gates(x).reshape(2, 10, 4, 3))
+    has_block = (np.arange(10) >= CONFIG["compress_block"] - 1)[None, :, None]  # a compressed block is complete
+    expected = gates[..., 0] * has_block + gates[..., 1] + gates[..., 2]  # [B, T, N]
+    assert_close(weights.sum(-1), jnp.moveaxis(expected, 1, 2))
+
+
+def test_unsupported_arguments_raise_naming_module_and_argument():
+    layer = _layer()
+    x = jnp.ones((2, 6, 16))
+    for argument, kwargs in (
+        ("inputs_kv", dict(inputs_kv=x)),
+        ("mask=full", dict(mask=masks.full())),
+        ("mask", dict(mask=masks.sliding_window(2))),
+        ("segment_ids", dict(segment_ids=jnp.zeros((2, 6), jnp.int32))),
+    ):
+        with pytest.raises(ValueError, match=f"NativeSparseAttention cannot take {argument}"):
+            layer(x, **kwargs)
+    with pytest.raises(ValueError, match="NativeSparseAttention cannot take kind='rolling'"):
+        layer.init_cache(2, 8, kind="rolling")
+    chex.assert_shape(layer(x, mask=masks.causal(), positions=jnp.arange(6)), (2, 6, 16))
