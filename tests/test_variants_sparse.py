@@ -263,5 +263,7 @@ def test_bad_configurations_raise():
         LongformerAttention(8, 2, window=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="pattern"):
         SparseTransformerAttention(8, 2, pattern="axial", stride=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="BigBirdAttention needs max_length"):
+        BigBirdAttention(8, 2, block=2, causal=True, rngs=nnx.Rngs(0)).init_cache(1, 8)
     with pytest.raises(ValueError, match="BigBirdAttention takes causal=True or mask=, not both"):
         BigBirdAttention(8, 2, block=2, causal=True, mask=masks.sliding_window(2), rngs=nnx.Rngs(0))

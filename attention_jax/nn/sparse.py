@@ -143,6 +143,15 @@ class BigBirdAttention(_Preset):
         self.random_blocks, self.seed, self.max_length, self.causal = random_blocks, seed, max_length, causal
         self.absolute_pattern = True
 
+    def init_cache(self, batch_size: int, max_length: int, **options: Any):
+        """A KV cache, as ``MultiHeadAttention.init_cache``; with random blocks the layer needs ``max_length``."""
+        if self.random_blocks and self.max_length is None:
+            raise ValueError(
+                "BigBirdAttention needs max_length= (at construction) to decode: its random blocks are drawn over "
+                "the whole key length, which a growing cache does not know; the full forward uses it too."
+            )
+        return super().init_cache(batch_size, max_length, **options)
+
 
 class SparseTransformerAttention(_Preset):
     """Sparse Transformer self-attention with the ``"strided"`` or ``"fixed"`` factorized pattern (both factors).
