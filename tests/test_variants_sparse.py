@@ -217,18 +217,14 @@ def test_packed_segments_equal_documents_run_separately(name):
         start += length
 
 
-@pytest.mark.parametrize(
-    "layer",
-    [
-        functools.partial(LongformerAttention, window=2, global_tokens=1),
-        functools.partial(BigBirdAttention, block=2),
-        functools.partial(SparseTransformerAttention, pattern="fixed", stride=2),
-    ],
-)
-def test_patterns_at_absolute_positions_refuse_segment_ids(layer):
-    layer = layer(8, 2, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=f"{type(layer).__name__} cannot take segment_ids"):
-        layer(jnp.ones((2, 4, 8)), segment_ids=jnp.zeros((2, 4), jnp.int32))
+def test_patterns_at_absolute_positions_keep_packed_documents_isolated():
+    layer = BigBirdAttention(D, 4, block=2, random_blocks=1, max_length=12, rngs=nnx.Rngs(0))
+    x = randn(11, 2, 12, D)
+    segment_ids = jnp.asarray(np.repeat([0, 1], 6)[None].repeat(2, 0))
+    run = nnx.jit(lambda layer, x, s: layer(x, segment_ids=s))
+    changed = x.at[:, 6:].set(randn(12, 2, 6, D))
+    assert_close(run(layer, changed, segment_ids)[:, :6], run(layer, x, segment_ids)[:, :6])
+    assert_close(run(layer, changed[:, ::-1], segment_ids)[:, 6:], run(layer, x[:, ::-1], segment_ids)[:, 6:])
 
 
 def test_modules():

@@ -6,6 +6,11 @@ argument of ``MultiHeadAttention`` (RoPE, GQA, ``segment_ids``, ``lengths``, dro
 the block-skipping fast paths) and, with a causal mask, decodes with a KV cache. ``causal=True``
 makes ``masks.causal()`` the layer's default mask; a call's ``mask`` replaces it, the pattern stays.
 
+Packed documents (``segment_ids``) never see each other. A pattern of relative positions (Longformer's
+window, the strided pattern) gives each document exactly what it gets alone; one anchored at absolute
+positions (global tokens, BigBird's blocks, the fixed pattern) is evaluated at the packed row's
+positions, so a document after the first does not get the global tokens it would get alone.
+
 Shapes: ``inputs_q [B, T, D] -> [B, T, out_features]``; parameters ``query [D, N, H]``,
 ``key [D, K, H]``, ``value [D, K, Hv]``, ``out [N, Hv, D]`` as in ``MultiHeadAttention``.
 
@@ -29,15 +34,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 from flax import nnx
 
 from attention_jax import masks, sparse_patterns
 from attention_jax.functional.sparse import transformer_pattern
 from attention_jax.nn.multi_head import MultiHeadAttention
-from attention_jax.nn.protocol import unsupported
-
-Array = jax.Array
 
 __all__ = ["LongformerAttention", "BigBirdAttention", "SparseTransformerAttention"]
 
@@ -51,32 +52,13 @@ def _with_default_mask(module_name: str, causal: bool, options: dict[str, Any]) 
     return options
 
 
-class _Preset(MultiHeadAttention):
-    """``MultiHeadAttention`` under a fixed pattern; refuses ``segment_ids`` where the pattern is not relative.
-
-    A pattern of relative positions (a window, a stride) looks the same from every document of a
-    packed row. One anchored at absolute positions (global tokens, blocks) would be evaluated at
-    the packed row's positions, not at each document's, so packing would change the outputs.
-    """
-
-    absolute_pattern: bool = False  # set by each preset from its options
-
-    def __call__(self, inputs_q: Array, inputs_kv: Array | None = None, *, segment_ids=None, **kwargs):
-        if segment_ids is not None and self.absolute_pattern:
-            raise unsupported(
-                self, "segment_ids", "its pattern is anchored at absolute positions (global tokens or blocks), "
-                "so a packed document would not see the pattern it sees alone; run documents one per row",
-            )  # fmt: skip
-        return super().__call__(inputs_q, inputs_kv, segment_ids=segment_ids, **kwargs)
-
-
-class LongformerAttention(_Preset):
+class LongformerAttention(MultiHeadAttention):
     """Longformer self-attention: a (dilated) sliding window of ``window`` keys per side plus global tokens.
 
     Args:
       in_features, num_heads: D and N, as in ``MultiHeadAttention``.
       window, global_tokens, dilation: see :func:`attention_jax.sparse_patterns.longformer`. Global
-        tokens sit at absolute positions: with them the layer refuses ``segment_ids``.
+        tokens sit at absolute positions of the row (see the module docstring on ``segment_ids``).
       causal: the default mask is ``masks.causal()`` (the left half of the window; decodes with a cache).
       **options: any other ``MultiHeadAttention`` keyword (``num_kv_heads``, ``rope``, ``dropout_rate``,
         ``implementation``, ``record_weights``, ...), ``rngs`` included.
@@ -99,10 +81,9 @@ class LongformerAttention(_Preset):
         super().__init__(in_features, num_heads=num_heads, pattern=pattern, rngs=rngs, **options)
         self.window, self.dilation, self.causal = window, dilation, causal
         self.global_tokens = sparse_patterns.global_indices(global_tokens)
-        self.absolute_pattern = bool(self.global_tokens)
 
 
-class BigBirdAttention(_Preset):
+class BigBirdAttention(MultiHeadAttention):
     """BigBird self-attention: block window + global blocks + random blocks.
 
     Args:
@@ -113,8 +94,6 @@ class BigBirdAttention(_Preset):
         and to give every sequence length the same pattern.
       causal: the default mask is ``masks.causal()`` (decodes with a cache, given ``max_length``).
       **options: any other ``MultiHeadAttention`` keyword, ``rngs`` included.
-
-    Its blocks are anchored at absolute positions, so it refuses ``segment_ids``.
     """
 
     def __init__(
@@ -141,7 +120,6 @@ class BigBirdAttention(_Preset):
         super().__init__(in_features, num_heads=num_heads, pattern=pattern, rngs=rngs, **options)
         self.block, self.window_blocks, self.global_blocks = block, window_blocks, global_blocks
         self.random_blocks, self.seed, self.max_length, self.causal = random_blocks, seed, max_length, causal
-        self.absolute_pattern = True
 
     def init_cache(self, batch_size: int, max_length: int, **options: Any):
         """A KV cache, as ``MultiHeadAttention.init_cache``; with random blocks the layer needs ``max_length``."""
@@ -153,11 +131,11 @@ class BigBirdAttention(_Preset):
         return super().init_cache(batch_size, max_length, **options)
 
 
-class SparseTransformerAttention(_Preset):
+class SparseTransformerAttention(MultiHeadAttention):
     """Sparse Transformer self-attention with the ``"strided"`` or ``"fixed"`` factorized pattern (both factors).
 
     ``"strided"`` is relative (packed ``segment_ids`` are exact); ``"fixed"`` has blocks anchored at
-    absolute positions and refuses ``segment_ids``.
+    absolute positions (see the module docstring).
 
     Args:
       in_features, num_heads: D and N, as in ``MultiHeadAttention``.
@@ -183,4 +161,3 @@ class SparseTransformerAttention(_Preset):
         options = _with_default_mask(type(self).__name__, causal, options)
         super().__init__(in_features, num_heads=num_heads, pattern=mask, rngs=rngs, **options)
         self.factorization, self.stride, self.summary, self.causal = pattern, stride, summary, causal
-        self.absolute_pattern = pattern == "fixed"
