@@ -162,10 +162,10 @@ the softmax with random features: the error falls as the number of features grow
 linear = aj.nn.LinearAttention(D, 4, causal=True, rngs=nnx.Rngs(0))
 x_short = x[:, :12]
 y = linear(x_short)                                   # the chunked form (training)
-state = linear.init_state(2)                          # the recurrent form: a fixed-size state, one token at a time
+cache = linear.init_cache(2, 12)                      # the recurrent form: a fixed-size state is its cache
 steps = []
 for t in range(x_short.shape[1]):
-    y_t, state = linear(x_short[:, t : t + 1], state=state)
+    y_t, cache = linear(x_short[:, t : t + 1], cache=cache)
     steps.append(y_t)
 print("linear attention, recurrent vs chunked:", float(jnp.max(jnp.abs(jnp.concatenate(steps, 1) - y))))
 
@@ -201,6 +201,29 @@ others = {
 }
 for name, layer in others.items():
     print(f"{name:<36} -> {layer(x_long).shape}")"""),
+    md("""\
+## Any variant in any stack
+
+Every attention module follows one protocol (`aj.nn.AttentionLayer`): the same call keywords (`mask`,
+`positions`, `segment_ids`, `lengths`, `cache`, ...), the same return convention and `init_cache`. So a
+stack takes any of them through a factory `factory(features, rngs=...)`, and `aj.generate` decodes with
+any that can decode causally; a variant that cannot honour an argument says so with a `ValueError`."""),
+    code("""\
+import functools
+
+factories = {
+    "MultiHeadAttention (GQA)": functools.partial(aj.nn.MultiHeadAttention, num_heads=4, num_kv_heads=2),
+    "LongformerAttention": functools.partial(aj.nn.LongformerAttention, num_heads=4, window=4),
+    "DifferentialAttention": functools.partial(aj.nn.DifferentialAttention, num_heads=2),
+    "LinearAttention": functools.partial(aj.nn.LinearAttention, num_heads=4),
+    "Performer": functools.partial(aj.nn.Performer, num_heads=4),
+    "FastWeightProgrammer": functools.partial(aj.nn.FastWeightProgrammer, num_heads=4),
+}
+prompt = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])                       # [B, T] token ids
+for name, factory in factories.items():
+    lm = aj.nn.TransformerLM(50, 32, 1, attention=factory, rngs=nnx.Rngs(0))   # vocabulary, width, layers
+    tokens = aj.generate(lm, prompt, max_new_tokens=4)[0].tolist()
+    print(f"{name:<26} logits {lm(prompt).shape}, generated {tokens}")"""),
     md("""\
 ## Recurrent-era attention
 
