@@ -94,6 +94,21 @@ def test_no_web_links_anywhere():
     assert not found, "links that leave the repository:\n" + "\n".join(found)
 
 
+GENERATED_MARKDOWN = {"gpu_results.md"}  # written by benchmarks/bench_flash_gpu.py, not a document to read
+
+
+def test_named_documents_exist_in_the_repository():
+    """A ``*.md`` named anywhere (docstrings included) is a file of this repository, not a private note."""
+    files = tracked_text_files()
+    documents = {p.name for p in files if p.suffix == ".md"} | GENERATED_MARKDOWN
+    missing = []
+    for path in files:
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            missing += [f"{path.relative_to(ROOT)}:{n}: {name}" for name in re.findall(r"[\w.-]+\.md\b", line)
+                        if Path(name).name not in documents]
+    assert not missing, "documents the repository does not hold:\n" + "\n".join(missing)
+
+
 def _prose(text: str) -> str:
     return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # fenced blocks hold code, not references
 

@@ -1,8 +1,8 @@
 """Input validation shared by every attention implementation.
 
 Errors name the argument and give the expected and the actual shape or dtype, using the axis
-letters of STYLE.md: B batch, T query length, S key length, N query heads, K key/value heads,
-H head dim.
+letters of docs/architecture.md: B batch, T query length, S key length, N query heads, K key/value
+heads, H head dim.
 """
 
 from __future__ import annotations
