@@ -162,7 +162,10 @@ class VisionTransformer(nnx.Module):
       mlp_features: the GELU MLP's hidden width (default ``4 * D``).
       attention: an attention factory, ``factory(features, rngs=rngs)`` (see
         :data:`attention_jax.nn.blocks.AttentionFactory`); default ``MultiHeadAttention`` without a mask.
-        Any issue-6 layer fits, e.g. ``functools.partial(Performer, num_heads=4)``.
+        Any module of the attention-layer protocol (:class:`attention_jax.nn.AttentionLayer`) fits, e.g.
+        ``functools.partial(Performer, num_heads=4)`` or ``functools.partial(MultiHeadAttention, num_heads=4,
+        pattern=aj.sparse_patterns.longformer(2, global_tokens=(0,)))``; :mod:`attention_jax.explain` reads
+        the attention maps of any of them that records.
 
     The encoder is :class:`attention_jax.nn.TransformerEncoder` with pre-LayerNorm blocks and a final LayerNorm.
     Call with NHWC images ``[B, H, W, C]``; returns logits ``[B, num_classes]``.
