@@ -15,9 +15,27 @@ import pytest
 from flax import nnx
 from helpers import assert_close, naive_attention
 
-from attention_jax.functional.delta_rule import FastWeightState, delta_rule_attention, delta_rule_step
-from attention_jax.functional.linear import LinearAttentionState, linear_attention, linear_attention_step
-from attention_jax.functional.performer import favor_features, orthogonal_random_features, performer_attention
+from attention_jax.functional.delta_rule import (
+    FastWeightState,
+    delta_rule_attention,
+    delta_rule_step,
+    delta_rule_weights,
+)
+from attention_jax.functional.linear import (
+    IMPLEMENTATIONS,
+    LinearAttentionState,
+    linear_attention,
+    linear_attention_step,
+    linear_attention_weights,
+)
+from attention_jax.functional.multi_head import weighted_values
+from attention_jax.functional.performer import (
+    PerformerState,
+    favor_features,
+    orthogonal_random_features,
+    performer_attention,
+    performer_attention_weights,
+)
 from attention_jax.nn.linear import FastWeightProgrammer, LinearAttention, Performer
 
 
@@ -181,14 +199,14 @@ def test_performer_error_falls_as_features_grow():
 
 def test_modules_decode_like_their_forward():
     x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 8, 16)), jnp.float32)
-    call = nnx.jit(lambda layer, x, state: layer(x, state=state))
+    call = nnx.jit(lambda layer, x, cache: layer(x, cache=cache))
     for layer in (
         LinearAttention(16, 4, num_kv_heads=2, causal=True, chunk_size=3, rngs=nnx.Rngs(0)),
         Performer(16, 2, num_features=8, causal=True, rngs=nnx.Rngs(2)),
     ):
         y = nnx.jit(lambda layer, x: layer(x))(layer, x)
-        y_prefix, state = call(layer, x[:, :4], layer.init_state(2))  # one compilation serves both halves
-        y_rest, state = call(layer, x[:, 4:], state)
+        y_prefix, cache = call(layer, x[:, :4], layer.init_cache(2, 8))  # one compilation serves both halves
+        y_rest, cache = call(layer, x[:, 4:], cache)
         assert_close(jnp.concatenate([y_prefix, y_rest], axis=1), y)
     performer = Performer(16, 2, num_features=8, rngs=nnx.Rngs(3))
     assert "projection" not in nnx.state(performer, nnx.Param)  # random features are not trained
@@ -215,5 +233,132 @@ def test_bad_configurations_raise():
         Performer(8, 2, num_features=-1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="projection"):
         performer_attention(q, k, v, projection=jnp.ones((8, 3)))
-    with pytest.raises(ValueError, match="causal=False"):
-        LinearAttention(8, 2, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 8)), state=LinearAttentionState.zeros(1, 2, 4, 4))
+    layer = LinearAttention(8, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="LinearAttention cannot take cache"):
+        layer(jnp.ones((1, 3, 8)), cache=layer.init_cache(1, 3))
+
+
+# Packed rows: documents of 5, 5, 1 and 2, 7, 2 tokens; chunks of 4 cut them elsewhere.
+SEGMENTS = np.array([[3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 2], [0, 0, 1, 1, 1, 1, 1, 1, 1, 4, 4]])
+
+
+def per_document(oracle, arrays, segment_ids):
+    """``oracle`` run on each document (run of equal ids) alone, stitched back into ``[B, T, ...]``."""
+    pieces = []
+    for b, ids in enumerate(segment_ids):
+        starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]] + [len(ids)]
+        pieces.append(
+            np.concatenate([oracle(*(x[b : b + 1, s:e] for x in arrays))[0] for s, e in zip(starts, starts[1:])])
+        )
+    return jnp.asarray(np.stack(pieces), jnp.float32)
+
+
+def np_normalized_elu(x):
+    return np_elu1(x) / np_elu1(x).sum(-1, keepdims=True)
+
+
+def packed_case(op, q, k, v, beta, w):
+    """``(run(form, **packing), forms, numpy oracle, weights(**packing))`` of one op."""
+    causal = op != "delta" and op.endswith("causal")
+    if op.startswith("linear"):
+        oracle = lambda q, k, v: np_linear_attention(q, k, v, causal=causal)
+        run = lambda form, **pack: jit(linear_attention, causal=causal, implementation=form, chunk_size=4)(
+            q, k, v, **pack
+        )
+        weights = lambda **pack: jit(linear_attention_weights, causal=causal)(q, k, **pack)
+        return run, IMPLEMENTATIONS, oracle, weights
+    if op.startswith("performer"):
+        oracle = lambda q, k, v: np_linear_attention(
+            np_favor(q, w, True), np_favor(k, w, False), v, causal=causal, phi=lambda x: x, eps=0
+        )
+        run = lambda form, **pack: jit(performer_attention, causal=causal, implementation=form, chunk_size=4)(
+            q, k, v, projection=w, **pack
+        )
+        weights = lambda **pack: jit(performer_attention_weights, causal=causal)(q, k, projection=w, **pack)
+        return run, IMPLEMENTATIONS, oracle, weights
+    oracle = lambda q, k, v, b: np_delta_rule(q, k, v, b, np_normalized_elu)
+    run = lambda form, **pack: jit(delta_rule_attention, implementation=form, chunk_size=4)(q, k, v, beta, **pack)
+    weights = lambda **pack: jit(delta_rule_weights)(q, k, beta, **pack)
+    return run, ("chunked", "recurrent"), oracle, weights
+
+
+OPS = ["linear", "linear_causal", "performer", "performer_causal", "delta"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_packed_documents_equal_documents_run_alone(op):
+    q, k, v = random_qkv(10, b=2, t=11, n=4, k=2, h=4, hv=3)  # GQA
+    beta = jax.nn.sigmoid(jnp.asarray(np.random.default_rng(11).standard_normal((2, 11, 2)), jnp.float32))
+    w = orthogonal_random_features(jax.random.key(3), 8, 4)
+    run, forms, oracle, weights = packed_case(op, q, k, v, beta, w)
+    arrays = (q, k, v, beta) if op == "delta" else (q, k, v)
+    expected = per_document(oracle, [np.asarray(x) for x in arrays], SEGMENTS)
+    segment_ids = jnp.asarray(SEGMENTS)
+    for form in forms:
+        assert_close(run(form, segment_ids=segment_ids), expected)
+    # The implicit weights stay inside each document and reproduce the output (y = A v).
+    a = weights(segment_ids=segment_ids)
+    chex.assert_shape(a, (2, 4, 11, 11))
+    across = SEGMENTS[:, :, None] != SEGMENTS[:, None, :]
+    assert not np.any(np.asarray(a) * across[:, None]), "weight across documents"
+    assert_close(weighted_values(a, v), expected)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_padded_keys_are_ignored(op):
+    q, k, v = random_qkv(12, b=2, t=9, n=2, h=4)
+    beta = jnp.full((2, 9, 2), 0.6)
+    w = orthogonal_random_features(jax.random.key(4), 8, 4)
+    run, forms, oracle, weights = packed_case(op, q, k, v, beta, w)
+    lengths = np.array([5, 9])
+    q_np, k_np, v_np, b_np = (np.asarray(x) for x in (q, k, v, beta))
+    causal = op == "delta" or op.endswith("causal")
+    expected = []
+    for b, n in enumerate(lengths):  # row b alone with its real keys; non-causal queries past n still read them
+        args = (q_np[b : b + 1, :n] if causal else q_np[b : b + 1], k_np[b : b + 1, :n], v_np[b : b + 1, :n])
+        expected.append(oracle(*args, *((b_np[b : b + 1, :n],) if op == "delta" else ()))[0][:n])
+    padded = jnp.asarray(lengths, jnp.int32)
+    for form in forms:
+        out = run(form, lengths=padded)
+        for b, n in enumerate(lengths):
+            assert_close(out[b, :n], jnp.asarray(expected[b], jnp.float32))
+    a = np.asarray(weights(lengths=padded))
+    assert not np.any(a[0, :, :, 5:]), "weight on a padded key"
+
+
+def test_packed_state_and_gradients():
+    """The state returned after a packed row is the last document's; gradients match documents run alone."""
+    q, k, v = random_qkv(13, b=2, t=11, n=2, h=4)
+    segment_ids = jnp.asarray(SEGMENTS)
+    beta = jnp.full((2, 11, 2), 0.5)
+    _, state = jit(linear_attention, causal=True, return_state=True, chunk_size=4)(q, k, v, segment_ids=segment_ids)
+    _, alone = jit(linear_attention, causal=True, return_state=True)(q[:, 9:], k[:, 9:], v[:, 9:])  # row 1's last
+    assert_close(state.kv[1], alone.kv[1])
+    _, fast = jit(delta_rule_attention, return_state=True, chunk_size=4)(q, k, v, beta, segment_ids=segment_ids)
+    _, fast_alone = jit(delta_rule_attention, return_state=True)(q[:, 9:], k[:, 9:], v[:, 9:], beta[:, 9:])
+    assert_close(fast.weights[1], fast_alone.weights[1])
+
+    def loss(q, k, v, op):  # documents of row 0 cut at 5 and 10: packed vs. each run alone
+        if op == "packed":
+            return jnp.sum(jnp.sin(linear_attention(q, k, v, causal=True, chunk_size=4, segment_ids=segment_ids)[:1]))
+        pieces = [
+            linear_attention(q[:1, s:e], k[:1, s:e], v[:1, s:e], causal=True) for s, e in ((0, 5), (5, 10), (10, 11))
+        ]
+        return sum(jnp.sum(jnp.sin(p)) for p in pieces)
+
+    grads = [jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, k, v, op) for op in ("packed", "alone")]
+    chex.assert_tree_all_finite(grads[0])
+    chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_performer_state_with_padding_and_empty_rows():
+    q, k, v = random_qkv(14, b=2, t=6, n=2, h=4)
+    w = orthogonal_random_features(jax.random.key(5), 8, 4)
+    call = jit(performer_attention, causal=True, return_state=True)
+    # Row 0 reads nothing yet (length 0): its state stays empty and finite; row 1 absorbs 3 keys.
+    out, state = call(q, k, v, projection=w, lengths=jnp.array([0, 3]), state=PerformerState.zeros(2, 2, 8, 4))
+    chex.assert_tree_all_finite(out)
+    assert np.all(np.isneginf(np.asarray(state.key_offset[0]))) and not np.any(np.asarray(state.linear.kv[0]))
+    tail, _ = call(q[:, 3:], k[:, 3:], v[:, 3:], projection=w, state=state)
+    full = jit(performer_attention, causal=True)(q, k, v, projection=w)
+    assert_close(tail[1], full[1, 3:])

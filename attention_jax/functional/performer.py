@@ -21,12 +21,23 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from attention_jax.functional.linear import LinearAttentionState, linear_attention
+from attention_jax.functional.linear import (
+    LinearAttentionState,
+    check_packing,
+    linear_attention,
+    linear_attention_weights,
+)
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
 
-__all__ = ["orthogonal_random_features", "favor_features", "performer_attention", "PerformerState"]
+__all__ = [
+    "orthogonal_random_features",
+    "favor_features",
+    "performer_attention",
+    "performer_attention_weights",
+    "PerformerState",
+]
 
 
 def orthogonal_random_features(key: Array, num_features: int, head_dim: int, *, scaling: str = "chi") -> Array:
@@ -97,6 +108,30 @@ def favor_features(x: Array, projection: Array, *, is_query: bool, offset: Array
     return jnp.exp(exponents - jax.lax.stop_gradient(offset)) / jnp.sqrt(jnp.float32(m))
 
 
+def _key_features(key: Array, projection: Array, valid: Array | None, state: PerformerState | None):
+    """``(phi(k) [B, S, K, M], key offset [B, K], state rescaled to it or None)``.
+
+    One stabiliser for the state and this call: the largest exponent of the real keys (padded keys,
+    ``valid [B, S]`` False, get zero features) and of the state. It is ``-inf`` until a row has seen a
+    key; the features then use 0, which changes nothing (they are all zero or the state is empty).
+    """
+    exponents = _exponents(key, projection)  # [B, S, K, M]
+    if valid is not None:
+        exponents = jnp.where(valid[..., None, None], exponents, -jnp.inf)  # exp(-inf) = 0, gradient 0
+    offset = jax.lax.stop_gradient(jnp.max(exponents, axis=(1, 3)))  # [B, K]
+    linear_state = None
+    if state is not None:
+        offset = jnp.maximum(offset, state.key_offset)
+    finite = jnp.where(jnp.isfinite(offset), offset, 0.0)
+    if state is not None:
+        rescale = jnp.exp(state.key_offset - finite)  # [B, K]; 0 for an empty state
+        linear_state = LinearAttentionState(
+            state.linear.kv * rescale[..., None, None], state.linear.normalizer * rescale[..., None]
+        )
+    phi_k = jnp.exp(exponents - finite[:, None, :, None]) / jnp.sqrt(jnp.float32(projection.shape[0]))
+    return phi_k, offset, linear_state
+
+
 def performer_attention(
     query: Array,
     key: Array,
@@ -107,6 +142,8 @@ def performer_attention(
     implementation: str | None = None,
     chunk_size: int = 64,
     eps: float = 0.0,
+    segment_ids: Array | None = None,
+    lengths: Array | None = None,
     state: PerformerState | None = None,
     return_state: bool = False,
 ):
@@ -115,7 +152,9 @@ def performer_attention(
     Args:
       query: ``[B, T, N, H]``; key: ``[B, S, K, H]``; value: ``[B, S, K, Hv]``.
       projection: ``[M, H]`` from :func:`orthogonal_random_features` (M features).
-      causal, implementation, chunk_size: as in :func:`attention_jax.functional.linear.linear_attention`.
+      causal, implementation, chunk_size, segment_ids, lengths: as in
+        :func:`attention_jax.functional.linear.linear_attention` (packed documents reset the state at each
+        boundary; padded keys add nothing).
       eps: added to the denominator; the default 0 keeps the output independent of the key scale, so
         decoding in pieces equals one call.
       state: a ``PerformerState`` to continue from (causal decoding); return_state: also return the new one.
@@ -126,18 +165,10 @@ def performer_attention(
     for name, x in (("query", query), ("key", key), ("value", value)):
         if jnp.ndim(x) != 4:
             raise ValueError(f"{name} must have rank 4, got {name}.shape={jnp.shape(x)}.")
+    b, t = query.shape[:2]
+    _, valid = check_packing(None, lengths, b, t, key.shape[1])
     phi_q = favor_features(query, projection, is_query=True)  # [B, T, N, M]
-    linear_state = offset = None
-    if state is not None or return_state:
-        # One key scale for the state and this call: the larger of the state's and this call's maxima.
-        offset = jax.lax.stop_gradient(jnp.max(_exponents(key, projection), axis=(1, 3)))  # [B, K]
-        if state is not None:
-            offset = jnp.maximum(offset, state.key_offset)
-            rescale = jnp.exp(state.key_offset - offset)  # [B, K]; 0 for an empty state
-            linear_state = LinearAttentionState(
-                state.linear.kv * rescale[..., None, None], state.linear.normalizer * rescale[..., None]
-            )
-    phi_k = favor_features(key, projection, is_query=False, offset=offset)  # [B, S, K, M]
+    phi_k, offset, linear_state = _key_features(key, projection, valid, state)  # [B, S, K, M]
     result = linear_attention(
         phi_q,
         phi_k,
@@ -147,9 +178,34 @@ def performer_attention(
         implementation=implementation,
         chunk_size=chunk_size,
         eps=eps,
+        segment_ids=segment_ids,
+        lengths=lengths,
         state=linear_state,
         return_state=return_state,
     )
     if return_state:
         return result[0].astype(query.dtype), PerformerState(result[1], offset)
     return result.astype(query.dtype)
+
+
+def performer_attention_weights(
+    query: Array,
+    key: Array,
+    *,
+    projection: Array,
+    causal: bool = False,
+    eps: float = 0.0,
+    segment_ids: Array | None = None,
+    lengths: Array | None = None,
+) -> Array:
+    """The implicit attention weights ``[B, N, T, S]`` (float32) of :func:`performer_attention` (the
+    normalised random-feature kernel matrix; quadratic in T, for inspection)."""
+    return linear_attention_weights(
+        favor_features(query, projection, is_query=True),
+        _key_features(key, projection, check_packing(None, lengths, *query.shape[:2], key.shape[1])[1], None)[0],
+        feature_map=None,
+        causal=causal,
+        eps=eps,
+        segment_ids=segment_ids,
+        lengths=lengths,
+    )
