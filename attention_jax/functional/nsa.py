@@ -50,6 +50,7 @@ __all__ = [
     "new_blocks",
     "gather_blocks",
     "selection_overlap",
+    "selection_members",
     "native_sparse_attention",
 ]
 
@@ -103,6 +104,25 @@ def selection_overlap(num_cmp: int, compress_block: int, compress_stride: int, s
     return hits.astype(np.float32)
 
 
+def selection_members(num_cmp: int, compress_block: int, compress_stride: int, select_block: int, seq_len: int):
+    """Static ``[nb, c]`` indices: the compressed blocks that overlap selection block ``j`` (the nonzero rows
+    of column ``j`` of :func:`selection_overlap`), padded with ``num_cmp`` (an index past the last block).
+
+    A selection block overlaps at most ``c ~ (l' + l) / d`` compressed blocks, so a query scores the
+    ``nb`` selection blocks in O(nb c) instead of the O(nb M) of a product with the overlap matrix.
+
+    >>> selection_members(5, 4, 2, 4, 12).tolist()        # blocks [0, 4), [2, 6), [4, 8), [6, 10), [8, 12)
+    [[0, 1, 5], [1, 2, 3], [3, 4, 5]]
+    """
+    num_select = -(-seq_len // select_block)
+    j = np.arange(num_select)
+    first = np.maximum(0, -(-(j * select_block - compress_block + 1) // compress_stride))  # [nb]
+    last = np.minimum(((j + 1) * select_block - 1) // compress_stride, num_cmp - 1)  # [nb]
+    width = max(1, int(np.max(last - first + 1, initial=0)))
+    members = first[:, None] + np.arange(width)  # [nb, c]
+    return np.where(members <= last[:, None], members, num_cmp).astype(np.int32)
+
+
 def check_config(compress_block, compress_stride, select_block, num_selected, window):
     for name, value in (
         ("compress_block", compress_block),
@@ -119,14 +139,16 @@ def check_config(compress_block, compress_stride, select_block, num_selected, wi
         raise ValueError(f"compress_stride must divide select_block, got {compress_stride=} and {select_block=}.")
 
 
-def _selected_branch(q, key, value, p_cmp, overlap, pos, *, select_block, num_selected, scale, return_weights):
+def _selected_branch(q, key, value, p_cmp, members, pos, *, select_block, num_selected, scale, return_weights):
     """Top-n block attention. ``q [B, T, K, G, H]``, ``p_cmp [B, K, G, T, M]``, query positions ``pos [B, T]``
     -> ``[B, T, K, G, Hv]`` (and the weights on the key slots ``[B, K, G, T, S]``)."""
     b, t, k_heads, _, h = q.shape
     s = key.shape[1]
-    num_blocks = overlap.shape[1]
-    # Importance of each selection block, shared by the G query heads of a group.
-    importance = jnp.einsum("BKGTM,MJ->BKTJ", p_cmp, jnp.asarray(overlap), precision=_HI)  # [B, K, T, nb]
+    num_blocks = members.shape[0]
+    # Importance of each selection block: the compressed probability of the blocks that overlap it, summed over
+    # them and over the G query heads of the group (which share the selection).
+    p_group = jnp.pad(p_cmp.sum(axis=2), [(0, 0)] * 3 + [(0, 1)])  # [B, K, T, M + 1]: index M reads 0
+    importance = jnp.take(p_group, jnp.asarray(members), axis=-1).sum(-1)  # [B, K, T, nb]
     q_block = (pos // select_block)[:, None, :, None]  # [B, 1, T, 1]
     j = jnp.arange(num_blocks)
     importance = jnp.where(j == q_block, jnp.inf, jnp.where(j < q_block, importance, -jnp.inf))
@@ -230,9 +252,9 @@ def native_sparse_attention(
         p_cmp = jnp.zeros((b, k_heads, g, t, 0), f32)
         o_cmp = jnp.zeros((b, t, k_heads, g, hv), f32)
 
-    overlap = selection_overlap(m, compress_block, compress_stride, select_block, s)
+    members = selection_members(m, compress_block, compress_stride, select_block, s)
     o_slc, w_slc = _selected_branch(
-        q, key.astype(f32), value.astype(f32), p_cmp, overlap, pos, select_block=select_block,
+        q, key.astype(f32), value.astype(f32), p_cmp, members, pos, select_block=select_block,
         num_selected=num_selected, scale=scale, return_weights=return_weights,
     )  # fmt: skip
 
