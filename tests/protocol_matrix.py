@@ -51,7 +51,7 @@ ROWS = [
     Row("LongformerAttention", _p(aj.nn.LongformerAttention, num_heads=2, window=3, rope=aj.positional.RoPE())),
     Row("SparseTransformerAttention", _p(aj.nn.SparseTransformerAttention, num_heads=2, pattern="strided", stride=4)),
     # BigBird's blocks sit at absolute positions of the packed row: documents stay isolated.
-    Row("BigBirdAttention", _p(aj.nn.BigBirdAttention, num_heads=2, block=4), segments="isolated"),
+    Row("BigBirdAttention", _p(aj.nn.BigBirdAttention, num_heads=2, block=4, max_length=T), segments="isolated"),
     Row(
         "NativeSparseAttention",
         _p(aj.nn.NativeSparseAttention, num_heads=2, num_kv_heads=1, compress_block=4, compress_stride=2,

@@ -11,10 +11,10 @@ Attention weights can be recorded without changing model code: see ``record_atte
 from attention_jax.nn.blocks import AttentionFactory, BlockConfig, FeedForward, TransformerBlock
 from attention_jax.nn.differential import DifferentialAttention
 from attention_jax.nn.latent import MultiHeadLatentAttention
-from attention_jax.nn.linear import FastWeightProgrammer, LinearAttention, Performer
+from attention_jax.nn.linear import FastWeightProgrammer, LinearAttention, Performer, RecurrentCache
 from attention_jax.nn.lowrank import Linformer, Nystromformer
 from attention_jax.nn.multi_head import MultiHeadAttention
-from attention_jax.nn.nsa import NativeSparseAttention
+from attention_jax.nn.nsa import NativeSparseAttention, NSACache
 from attention_jax.nn.positional_attention import PositionalAttention
 from attention_jax.nn.protocol import AttentionLayer
 from attention_jax.nn.recording import record_attention_weights
@@ -47,11 +47,13 @@ __all__ = [
     "LuongAttention",
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
+    "NSACache",
     "NativeSparseAttention",
     "Nystromformer",
     "PatchEmbedding",
     "Performer",
     "PositionalAttention",
+    "RecurrentCache",
     "Seq2SeqWithAttention",
     "SparseTransformerAttention",
     "SpatialAttention",

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import FrozenDict
 
 from attention_jax import masks as masks_lib
 from attention_jax.functional.nsa import (
@@ -158,7 +159,8 @@ class NativeSparseAttention(ProjectedHeads):
         self.compress_key = BlockCompressor(compress_block, h, **dense)
         self.compress_value = BlockCompressor(compress_block, hv, **dense)
         self.gates = nnx.Linear(in_features, 3 * num_heads, **dense)
-        self.config = dict(
+        # Hashable: the config is static graph data, and jit (e.g. inside aj.generate) hashes it.
+        self.config = FrozenDict(
             compress_block=compress_block,
             compress_stride=compress_stride,
             select_block=select_block,
