@@ -52,7 +52,11 @@ def multi_head_attention(
         sequence, as a cache's :class:`~attention_jax.cache.KVView` gives them).
       kv_valid: ``[B, S]`` which key slots exist (a cache's written slots).
       sequence_parallel: an :class:`attention_jax.distributed.SequenceParallel`: shard the
-        sequence over a mesh axis (ring, all-to-all or both); None: one device.
+        sequence over a mesh axis (ring, all-to-all or both); None: one device. Takes a ``Mask``
+        (causal, windows, segments, padding...), ``scale``, ``softcap`` and ``sinks``, and raises a
+        ``ValueError`` naming ``kv_valid``, ``bias``, ``score_mod``, ``dropout_rate``, an offset, a
+        boolean-array mask or ``return_weights``, which it cannot shard. ``implementation``
+        overrides the config's.
       return_weights: also return the attention weights ``[B, N, T, S]`` float32, recomputed with
         ``attention_weights`` (sinks included, dropout not).
 
@@ -74,16 +78,24 @@ def multi_head_attention(
         if jnp.shape(kv_valid) != expected:
             raise ValueError(f"kv_valid must have shape [B, S]={expected}, got kv_valid.shape={jnp.shape(kv_valid)}.")
         mask = _and_valid(mask, kv_valid)
-    if sequence_parallel is not None:
-        raise NotImplementedError("sequence_parallel is being built (issue 13).")
     if not dropout_rate or dropout_rng is None:  # deterministic: no dropout
         dropout_rate, dropout_rng = 0.0, None
     common = dict(bias=bias, mask=mask, scale=scale, softcap=softcap, score_mod=score_mod, q_offset=q_offset,
                   kv_offset=kv_offset)  # fmt: skip
-    out = dot_product_attention(
-        query, key, value, **common, implementation=implementation, return_lse=sinks is not None,
-        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-    )  # fmt: skip
+    if sequence_parallel is not None:
+        _check_shardable(
+            sequence_parallel, mask=mask, return_weights=return_weights, kv_valid=kv_valid, bias=bias,
+            score_mod=score_mod, dropout_rate=dropout_rate, q_offset=q_offset, kv_offset=kv_offset,
+        )  # fmt: skip
+        out = sequence_parallel(
+            query, key, value, mask=mask, scale=scale, softcap=softcap, implementation=implementation,
+            return_lse=sinks is not None,
+        )  # fmt: skip
+    else:
+        out = dot_product_attention(
+            query, key, value, **common, implementation=implementation, return_lse=sinks is not None,
+            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        )  # fmt: skip
     factor = None
     if sinks is not None:
         out, lse = out
@@ -97,6 +109,35 @@ def multi_head_attention(
     if factor is not None:
         weights = weights * factor[..., None]
     return out, weights
+
+
+def _check_shardable(sequence_parallel, *, mask, return_weights: bool, **unshardable) -> None:
+    """A ``ValueError`` naming the first argument that sequence parallelism cannot shard."""
+    from attention_jax.distributed import SequenceParallel  # distributed imports functional
+
+    if not isinstance(sequence_parallel, SequenceParallel):
+        raise TypeError(
+            "sequence_parallel must be an attention_jax.distributed.SequenceParallel, got "
+            f"{type(sequence_parallel).__name__}."
+        )
+    why = {
+        "kv_valid": "a cache decodes on one device",
+        "bias": "an additive [B, N, T, S] bias is not sharded with the sequence",
+        "score_mod": "score mods (ALiBi, relative position biases) do not run in the ring's steps",
+        "dropout_rate": "dropout is not sharded; call it deterministic",
+        "q_offset": "the sharded sequence starts at position 0",
+        "kv_offset": "the sharded sequence starts at position 0",
+        "return_weights": "the [B, N, T, S] weights are what sharding avoids; record them on one device",
+    }
+    unshardable["return_weights"] = return_weights or None
+    for name, value in unshardable.items():
+        if value is not None and not (isinstance(value, (int, float)) and value == 0):
+            raise ValueError(f"multi_head_attention cannot shard {name} with sequence_parallel: {why[name]}.")
+    if mask is not None and not isinstance(mask, masks_lib.Mask):
+        raise ValueError(
+            "multi_head_attention with sequence_parallel takes an attention_jax.masks.Mask (its positions follow "
+            f"the shards), not a boolean array of shape {jnp.shape(mask)}."
+        )
 
 
 def _and_valid(mask, kv_valid: Array):
