@@ -1,4 +1,5 @@
-"""Ring attention across two real processes on localhost (JAX distributed runtime, gloo CPU collectives)."""
+"""A TransformerLM training step with ring attention across two real processes on localhost (JAX distributed
+runtime, gloo CPU collectives): loss and gradients equal to one device."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 WORKER = Path(__file__).with_name("ring_multiprocess_worker.py")
 TIMEOUT_S = 120  # a hang fails the test instead of blocking CI
@@ -18,7 +21,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_the_reference():
+@pytest.mark.slow  # two JAX runtimes start and compile an LM step (~25 s)
+def test_two_processes_lm_step_matches_one_device():
     num_processes, local_devices, port = 2, 2, _free_port()
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # each worker sets its own device count
@@ -48,4 +52,4 @@ def test_two_processes_match_the_reference():
                 proc.wait()
     for i, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"worker {i} failed with status {proc.returncode}:\n{output[-4000:]}"
-        assert "ring == reference" in output, output[-2000:]
+        assert "ring == one device" in output, output[-2000:]
