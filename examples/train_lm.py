@@ -129,21 +129,6 @@ def token_labels(tokens, cfg: Config) -> list[str]:
 # --- the variants -----------------------------------------------------------------------------------
 
 
-class CausalLayer(nnx.Module):
-    """Adapts a causal layer called as ``layer(x)`` (linear attention and kin) to the stacks' protocol.
-
-    The stack passes the model's causal mask; these layers are causal by construction, so it is dropped.
-    """
-
-    def __init__(self, layer: nnx.Module):
-        self.layer = layer
-
-    def __call__(self, x, *, mask=None, positions=None, lengths=None, cache=None, deterministic=None):
-        if cache is not None:
-            raise ValueError(f"{type(self.layer).__name__} decodes with its own state, not a KV cache.")
-        return self.layer(x)
-
-
 def _mha(cfg: Config, **options):
     return functools.partial(
         ajnn.MultiHeadAttention, num_heads=cfg.num_heads, rope=aj.positional.RoPE(),
@@ -166,11 +151,9 @@ def _diff(cfg: Config):
     )  # fmt: skip
 
 
-def _causal(cls, **options):
-    def factory(cfg: Config):
-        return lambda features, *, rngs: CausalLayer(cls(features, cfg.num_heads, rngs=rngs, **options))
-
-    return factory
+def _heads(cls, **options):
+    """Any attention module of ``aj.nn`` drops into the stack as it is: the LM passes its causal mask."""
+    return lambda cfg: functools.partial(cls, num_heads=cfg.num_heads, **options)
 
 
 # name -> (what it is, cfg -> attention factory)
@@ -181,10 +164,22 @@ VARIANTS = {
     "sliding": ("sliding window of --window tokens", lambda c: _mha(c, sliding_window=c.window)),
     "mla": ("multi-head latent attention (DeepSeek-V2)", _mla),
     "diff": ("differential attention", _diff),
-    "linear": ("linear attention, elu + 1 features", _causal(ajnn.LinearAttention, causal=True)),
-    "performer": ("Performer, FAVOR+ features", _causal(ajnn.Performer, causal=True)),
-    "delta": ("delta-rule fast weights", _causal(ajnn.FastWeightProgrammer)),
+    "linear": ("linear attention, elu + 1 features", _heads(ajnn.LinearAttention)),
+    "performer": ("Performer, FAVOR+ features", _heads(ajnn.Performer)),
+    "delta": ("delta-rule fast weights", _heads(ajnn.FastWeightProgrammer)),
+    "longformer": ("Longformer: --window tokens each side + 2 global", lambda c: functools.partial(
+        ajnn.LongformerAttention, num_heads=c.num_heads, window=c.window, global_tokens=2)),
+    "bigbird": ("BigBird: blocks of 4, window + global + random", lambda c: functools.partial(
+        ajnn.BigBirdAttention, num_heads=c.num_heads, block=4, max_length=c.seq_len())),
+    "sparse": ("Sparse Transformer, strided, stride 4", _heads(ajnn.SparseTransformerAttention, pattern="strided",
+                                                                 stride=4)),
+    "nsa": ("native sparse attention (DeepSeek)", _heads(
+        ajnn.NativeSparseAttention, compress_block=4, compress_stride=2, select_block=4, num_selected=2, window=8)),
+    "positional": ("learned positional attention gated with content", lambda c: functools.partial(
+        ajnn.PositionalAttention, num_heads=c.num_heads, max_length=c.seq_len(), gated=True)),
 }
+# Linformer and Nystromformer mix the whole sequence: they cannot be causal, so they have no place in an LM
+# (a TransformerLM with them raises the protocol's ValueError naming the layer and the mask).
 
 
 def build_model(cfg: Config) -> ajnn.TransformerLM:
