@@ -191,3 +191,15 @@ def test_bad_inputs():
         aj.nn.TransformerEncoder(0, D, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="norm must be one of"):
         aj.nn.TransformerBlock(D, norm="batch", rngs=nnx.Rngs(0))
+
+
+def test_stack_masks_may_carry_arrays():
+    """A model-level mask with data (segments, padding) is a pytree leaf of the model, not static config."""
+    ids = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
+    tokens = jax.random.randint(jax.random.key(3), (1, 8), 0, V)
+    lm = aj.nn.TransformerLM(V, D, 1, num_heads=2, mask=aj.masks.causal() & aj.masks.segments(ids), rngs=nnx.Rngs(0))
+    packed = nnx.jit(lambda m, t: m(t))(lm, tokens)
+    plain = aj.nn.TransformerLM(V, D, 1, num_heads=2, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(packed[:, :3], plain(tokens[:, :3]), atol=2e-5, rtol=2e-5)
+    dec = aj.nn.TransformerDecoder(1, D, num_heads=2, mask=aj.masks.causal() & aj.masks.segments(ids), rngs=nnx.Rngs(0))
+    assert dec(jnp.ones((1, 8, D)), jnp.ones((1, 4, D))).shape == (1, 8, D)

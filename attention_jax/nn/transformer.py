@@ -18,6 +18,7 @@ from flax import nnx
 
 from attention_jax import masks as masks_lib
 from attention_jax import positional
+from attention_jax.nn import _common
 from attention_jax.nn.blocks import AttentionFactory, BlockConfig, TransformerBlock, block_config, make_norm
 
 Array = jax.Array
@@ -178,7 +179,7 @@ class TransformerDecoder(_Stack):
         super().__init__(
             num_layers, features, attention=attention, cross_attention=cross_attention, config=config, rngs=rngs
         )
-        self.mask = masks_lib.causal() if mask is None else mask
+        self.mask = _common.as_attribute(masks_lib.causal() if mask is None else mask)  # arrays in a mask are data
 
     def __call__(
         self,
@@ -256,7 +257,7 @@ class TransformerLM(nnx.Module):
         if attention is None:
             attention = config.default_attention(rope=positional.RoPE())
         self.vocab_size, self.features, self.config = vocab_size, features, config
-        self.mask = masks_lib.causal() if mask is None else mask
+        self.mask = _common.as_attribute(masks_lib.causal() if mask is None else mask)  # arrays in a mask are data
         dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
         self.embed = nnx.Embed(vocab_size, features, **dtypes, rngs=rngs)
         self.stack = _Stack(num_layers, features, attention=attention, cross_attention=None, config=config, rngs=rngs)
