@@ -203,3 +203,54 @@ def test_stack_masks_may_carry_arrays():
     np.testing.assert_allclose(packed[:, :3], plain(tokens[:, :3]), atol=2e-5, rtol=2e-5)
     dec = aj.nn.TransformerDecoder(1, D, num_heads=2, mask=aj.masks.causal() & aj.masks.segments(ids), rngs=nnx.Rngs(0))
     assert dec(jnp.ones((1, 8, D)), jnp.ones((1, 4, D))).shape == (1, 8, D)
+
+
+@pytest.mark.parametrize("position", ["pre", "post", "sandwich"])
+def test_block_norm_positions(position):
+    block = aj.nn.TransformerBlock(D, num_heads=2, norm_position=position, mlp="gelu_exact", mlp_bias=True,
+                                   norm="rms_offset", rngs=nnx.Rngs(0))  # fmt: skip
+    x = jax.random.normal(jax.random.key(4), (2, 5, D))
+    causal = aj.masks.causal()
+    attn = lambda h: block.attention(h, mask=causal)
+    ffn = lambda h: block.mlp.down(jax.nn.gelu(block.mlp.up(h), approximate=False))
+    if position == "pre":
+        h = x + attn(block.attention_norm(x))
+        expected = h + ffn(block.mlp_norm(h))
+    elif position == "post":
+        h = block.attention_norm(x + attn(x))
+        expected = block.mlp_norm(h + ffn(h))
+    else:
+        h = x + block.post_attention_norm(attn(block.attention_norm(x)))
+        expected = h + block.post_mlp_norm(ffn(block.mlp_norm(h)))
+    np.testing.assert_allclose(block(x, mask=causal), expected, atol=2e-5, rtol=2e-5)
+    assert block.mlp.up.bias is not None and block.mlp.gate is None
+    with pytest.raises(ValueError, match="norm_position must be one of"):
+        aj.nn.BlockConfig(norm_position="middle")
+
+
+def test_offset_rms_norm_is_rms_norm_with_one_plus_w():
+    w = jax.random.normal(jax.random.key(5), (D,))
+    offset = aj.nn.blocks.OffsetRMSNorm(D, epsilon=1e-6)
+    offset.scale[...] = w
+    plain = nnx.RMSNorm(D, epsilon=1e-6, rngs=nnx.Rngs(0))
+    plain.scale[...] = 1.0 + w
+    x = jax.random.normal(jax.random.key(6), (2, 3, D))
+    np.testing.assert_allclose(offset(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lm_learned_positions_scale_and_softcap_decode_like_the_full_forward():
+    lm = aj.nn.TransformerLM(V, D, 2, num_heads=2, position_embedding=16, embedding_scale=D**0.5, logit_softcap=3.0,
+                             tie_embeddings=False, rngs=nnx.Rngs(0))  # fmt: skip
+    assert lm.stack.blocks[0].attention.rope is None  # absolute positions replace RoPE by default
+    tokens = jax.random.randint(jax.random.key(7), (2, 10), 0, V)
+    full = lm(tokens)
+    assert float(jnp.abs(full).max()) < 3.0
+    raw = aj.nn.TransformerLM(V, D, 2, num_heads=2, position_embedding=16, embedding_scale=D**0.5,
+                              tie_embeddings=False, rngs=nnx.Rngs(0))(tokens)  # fmt: skip
+    np.testing.assert_allclose(full, 3.0 * jnp.tanh(raw / 3.0), atol=2e-5, rtol=2e-5)
+    lengths = jnp.array([4, 7])
+    logits, cache = lm(tokens[:, :7], cache=lm.init_cache(2, 12), lengths=lengths)
+    rows = jnp.arange(2)
+    np.testing.assert_allclose(logits[rows, lengths - 1], full[rows, lengths - 1], atol=5e-5, rtol=5e-5)
+    step, _ = lm(tokens[rows, lengths][:, None], cache=cache)
+    np.testing.assert_allclose(step[:, 0], full[rows, lengths], atol=5e-5, rtol=5e-5)

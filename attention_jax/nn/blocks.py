@@ -22,8 +22,33 @@ Array = jax.Array
 # ``functools.partial(aj.nn.MultiHeadAttention, num_heads=8, rope=aj.positional.RoPE())`` is one.
 AttentionFactory = Callable[..., nnx.Module]
 
-NORMS = {"rms": nnx.RMSNorm, "layer": nnx.LayerNorm}
-ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": jax.nn.gelu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+class OffsetRMSNorm(nnx.Module):
+    """RMSNorm with the scale stored as an offset from one, ``x / rms(x) * (1 + w)`` (Gemma's layout).
+
+    ``w`` starts at zero, so a fresh layer is the identity scale; checkpoints that store ``w`` load as is.
+    """
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype=None, param_dtype=jnp.float32, rngs=None):
+        self.scale = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.epsilon, self.dtype = epsilon, dtype
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype or x.dtype)
+
+
+NORMS = {"rms": nnx.RMSNorm, "layer": nnx.LayerNorm, "rms_offset": OffsetRMSNorm}
+NORM_POSITIONS = ("pre", "post", "sandwich")
+# "gelu"/"geglu" use the tanh approximation (GPT-2, Gemma); "gelu_exact"/"geglu_exact" the erf form (BERT, ViT).
+ACTIVATIONS = {
+    "swiglu": jax.nn.silu,
+    "geglu": jax.nn.gelu,
+    "geglu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": jax.nn.gelu,
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +57,14 @@ class BlockConfig:
 
     Attributes:
       num_heads: heads of the default attention (``MultiHeadAttention``).
-      mlp: ``"swiglu"`` (default), ``"geglu"``, ``"gelu"`` or ``"relu"``.
+      mlp: ``"swiglu"`` (default), ``"geglu"``, ``"gelu"`` or ``"relu"``; ``"gelu"`` and ``"geglu"``
+        use the tanh approximation, ``"gelu_exact"`` and ``"geglu_exact"`` the erf form.
       mlp_features: hidden width, default ``4 * features`` (``8/3`` of it, rounded up, for gated kinds).
-      norm: ``"rms"`` or ``"layer"``; ``norm_epsilon`` its epsilon.
+      mlp_bias: biases in the feed-forward projections (GPT-2, BERT, ViT).
+      norm: ``"rms"``, ``"layer"`` or ``"rms_offset"`` (``(1 + w)`` scale, Gemma); ``norm_epsilon``
+        its epsilon.
+      norm_position: ``"pre"`` (``x + f(norm(x))``, default), ``"post"`` (``norm(x + f(x))``, BERT)
+        or ``"sandwich"`` (``x + norm(f(norm(x)))``, Gemma 2/3), for attention and feed-forward alike.
       dropout_rate: dropout on each residual branch when not ``deterministic``.
       deterministic: the default of the call (``model.eval()`` / ``model.train()`` set it).
       remat: rematerialise each block in the backward pass (``nnx.remat``; stacks only).
@@ -53,8 +83,10 @@ class BlockConfig:
     num_heads: int = 4
     mlp: str = "swiglu"
     mlp_features: int | None = None
+    mlp_bias: bool = False
     norm: str = "rms"
     norm_epsilon: float = 1e-6
+    norm_position: str = "pre"
     dropout_rate: float = 0.0
     deterministic: bool = False
     remat: bool = False
@@ -66,13 +98,17 @@ class BlockConfig:
             raise ValueError(f"mlp must be one of {tuple(ACTIVATIONS)}, got mlp={self.mlp!r}.")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {tuple(NORMS)}, got norm={self.norm!r}.")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(
+                f"norm_position must be one of {NORM_POSITIONS}, got norm_position={self.norm_position!r}."
+            )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must lie in [0, 1), got dropout_rate={self.dropout_rate!r}.")
 
     def hidden_features(self, features: int) -> int:
         if self.mlp_features is not None:
             return self.mlp_features
-        return 4 * features if not self.mlp.endswith("glu") else -(-8 * features // 3)
+        return 4 * features if "glu" not in self.mlp else -(-8 * features // 3)
 
     def default_attention(self, **options) -> AttentionFactory:
         return functools.partial(
@@ -144,7 +180,7 @@ class FeedForward(nnx.Module):
         self.kind = kind
         dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.up = nnx.Linear(features, hidden_features, **dense)
-        self.gate = nnx.Linear(features, hidden_features, **dense) if kind.endswith("glu") else nnx.data(None)
+        self.gate = nnx.Linear(features, hidden_features, **dense) if "glu" in kind else nnx.data(None)
         self.down = nnx.Linear(hidden_features, features, **dense)
 
     def __call__(self, x: Array) -> Array:
@@ -155,7 +191,11 @@ class FeedForward(nnx.Module):
 
 
 class TransformerBlock(nnx.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` [``+ cross(norm(.), context)``] ``+ ffn(norm(.))``.
+    """Transformer block: self-attention [+ cross-attention to a ``context``] + feed-forward, with residuals.
+
+    Pre-norm by default: ``x + attn(norm(x))`` [``+ cross(norm(.), context)``] ``+ ffn(norm(.))``;
+    ``config.norm_position`` selects post-norm (``norm(x + f(x))``) or sandwich norms
+    (``x + norm(f(norm(x)))``) instead.
 
     Args:
       features: D.
@@ -198,9 +238,14 @@ class TransformerBlock(nnx.Module):
             self.cross_norm, self.cross_attention = nnx.data(None), nnx.data(None)
         self.mlp_norm = make_norm(config.norm, features, **norm_args)
         self.mlp = FeedForward(
-            features, config.hidden_features(features), kind=config.mlp, dtype=config.dtype,
+            features, config.hidden_features(features), kind=config.mlp, use_bias=config.mlp_bias, dtype=config.dtype,
             param_dtype=config.param_dtype, rngs=rngs,
         )  # fmt: skip
+        sandwich = config.norm_position == "sandwich"  # the outputs of each branch are normalised too
+        self.post_attention_norm = make_norm(config.norm, features, **norm_args) if sandwich else nnx.data(None)
+        cross_sandwich = sandwich and cross_attention is not None
+        self.post_cross_norm = make_norm(config.norm, features, **norm_args) if cross_sandwich else nnx.data(None)
+        self.post_mlp_norm = make_norm(config.norm, features, **norm_args) if sandwich else nnx.data(None)
         self.dropout = nnx.Dropout(config.dropout_rate, deterministic=config.deterministic, rngs=rngs)
         self.deterministic = config.deterministic
 
@@ -230,16 +275,30 @@ class TransformerBlock(nnx.Module):
                 f"cross_attention={'None' if self.cross_attention is None else type(self.cross_attention).__name__}."
             )
         out = self.attention(
-            self.attention_norm(x), mask=mask, positions=positions, segment_ids=segment_ids, lengths=lengths,
-            cache=cache, deterministic=deterministic,
+            self._branch_input(x, self.attention_norm), mask=mask, positions=positions, segment_ids=segment_ids,
+            lengths=lengths, cache=cache, deterministic=deterministic,
         )  # fmt: skip
         h, cache = out if cache is not None else (out, None)
-        x = x + self.dropout(h, deterministic=deterministic)
+        x = self._add(x, h, self.attention_norm, self.post_attention_norm, deterministic)
         if self.cross_attention is not None:
-            h = self.cross_attention(self.cross_norm(x), context, mask=context_mask, deterministic=deterministic)
-            x = x + self.dropout(h, deterministic=deterministic)
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)), deterministic=deterministic)
+            h = self.cross_attention(
+                self._branch_input(x, self.cross_norm), context, mask=context_mask, deterministic=deterministic
+            )
+            x = self._add(x, h, self.cross_norm, self.post_cross_norm, deterministic)
+        h = self.mlp(self._branch_input(x, self.mlp_norm))
+        x = self._add(x, h, self.mlp_norm, self.post_mlp_norm, deterministic)
         return x if cache is None else (x, cache)
+
+    # Norm placement: "pre" normalises the branch input, "sandwich" its input and output, "post" the sum.
+    def _branch_input(self, x: Array, norm) -> Array:
+        return x if self.config.norm_position == "post" else norm(x)
+
+    def _add(self, x: Array, h: Array, norm, post_norm, deterministic) -> Array:
+        if self.config.norm_position == "post":
+            return norm(x + self.dropout(h, deterministic=deterministic))
+        if post_norm is not None:
+            h = post_norm(h)
+        return x + self.dropout(h, deterministic=deterministic)
 
     def init_cache(self, batch_size: int, max_length: int, *, kind: str = "dense", **options):
         """The self-attention's cache; ``kind="rolling"`` falls back to dense for a layer without a window."""

@@ -219,6 +219,11 @@ class TransformerLM(nnx.Module):
         causally here; a layer's own structure (a sliding window, a sparse pattern) still applies.
       mask: the model's mask; a call's ``mask`` replaces it.
       tie_embeddings: logits use the embedding matrix (default) rather than a separate head.
+      position_embedding: if set, a learned absolute position embedding of this many positions is
+        added to the token embedding (GPT-2); read at ``positions`` (or the cache's, or within each
+        segment).
+      embedding_scale: multiply the token embedding by this (Gemma: ``sqrt(features)``).
+      logit_softcap: cap the logits at ``c * tanh(logits / c)`` (Gemma 2).
       config, options: the block options, as in :class:`TransformerEncoder`.
       rngs: as usual.
 
@@ -249,17 +254,28 @@ class TransformerLM(nnx.Module):
         attention: Attention = None,
         mask: masks_lib.Mask | None = None,
         tie_embeddings: bool = True,
+        position_embedding: int | None = None,
+        embedding_scale: float | None = None,
+        logit_softcap: float | None = None,
         config: BlockConfig | None = None,
         rngs: nnx.Rngs,
         **options: Any,
     ):
         config = block_config(config, options)
         if attention is None:
-            attention = config.default_attention(rope=positional.RoPE())
+            attention = config.default_attention(rope=None if position_embedding else positional.RoPE())
+        if position_embedding is not None:
+            _common.check_positive(position_embedding=position_embedding)
+        if logit_softcap is not None and not logit_softcap > 0:
+            raise ValueError(f"logit_softcap must be positive, got {logit_softcap=!r}.")
+        self.embedding_scale, self.logit_softcap = embedding_scale, logit_softcap
         self.vocab_size, self.features, self.config = vocab_size, features, config
         self.mask = _common.as_attribute(masks_lib.causal() if mask is None else mask)  # arrays in a mask are data
         dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
         self.embed = nnx.Embed(vocab_size, features, **dtypes, rngs=rngs)
+        self.position_embed = (
+            nnx.Embed(position_embedding, features, **dtypes, rngs=rngs) if position_embedding else nnx.data(None)
+        )
         self.stack = _Stack(num_layers, features, attention=attention, cross_attention=None, config=config, rngs=rngs)
         self.head = (
             nnx.data(None)
@@ -289,13 +305,29 @@ class TransformerLM(nnx.Module):
                 f"tokens must be integers of shape [B, T], got {jnp.result_type(tokens)} {jnp.shape(tokens)}."
             )
         x = self.embed(tokens)  # [B, T, D]
+        if self.embedding_scale is not None:
+            x = x * jnp.asarray(self.embedding_scale, x.dtype)
+        if self.position_embed is not None:
+            x = x + self.position_embed(self._absolute_positions(tokens, positions, segment_ids, cache))
         out = self.stack.run(
             x, mask=self.mask if mask is None else mask, positions=positions, segment_ids=segment_ids,
             lengths=lengths, cache=cache, deterministic=deterministic,
         )  # fmt: skip
         x, cache = out if cache is not None else (out, None)
         logits = self.embed.attend(x) if self.head is None else self.head(x)  # [B, T, V]
+        if self.logit_softcap is not None:
+            logits = self.logit_softcap * jnp.tanh(logits / self.logit_softcap)
         return logits if cache is None else (logits, cache)
+
+    def _absolute_positions(self, tokens: Array, positions, segment_ids, cache) -> Array:
+        """``[T]`` or ``[B, T]`` positions of the learned position embedding."""
+        if positions is not None:
+            return positions
+        if cache is not None:
+            return cache[0].positions(tokens.shape[1])
+        if segment_ids is not None:
+            return _common.segment_positions(_common.check_segment_ids(segment_ids, tokens[..., None]))
+        return jnp.arange(tokens.shape[1], dtype=jnp.int32)
 
     def init_cache(self, batch_size: int, max_length: int, *, kind: str = "dense", **options) -> tuple:
         """One cache per layer (see the protocol's ``init_cache``; ``kind="rolling"`` applies to the
