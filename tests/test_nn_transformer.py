@@ -254,3 +254,15 @@ def test_lm_learned_positions_scale_and_softcap_decode_like_the_full_forward():
     np.testing.assert_allclose(logits[rows, lengths - 1], full[rows, lengths - 1], atol=5e-5, rtol=5e-5)
     step, _ = lm(tokens[rows, lengths][:, None], cache=cache)
     np.testing.assert_allclose(step[:, 0], full[rows, lengths], atol=5e-5, rtol=5e-5)
+
+
+def test_per_projection_biases():
+    """Qwen2's layout: biases on the query, key and value projections, none on the output."""
+    layer = aj.nn.MultiHeadAttention(D, num_heads=2, qkv_bias=True, rngs=nnx.Rngs(0))
+    assert all(p.bias is not None for p in (layer.query, layer.key, layer.value)) and layer.out.bias is None
+    layer.key.bias[...] = jnp.ones_like(layer.key.bias[...])  # a key bias shifts every score of a row alike
+    x = jax.random.normal(jax.random.key(8), (1, 4, D))
+    no_key_bias = nnx.merge(*nnx.split(layer))
+    no_key_bias.key.bias[...] = jnp.zeros_like(layer.key.bias[...])
+    np.testing.assert_allclose(layer(x), no_key_bias(x), atol=2e-5, rtol=2e-5)
+    assert aj.nn.MultiHeadAttention(D, num_heads=2, use_bias=True, out_bias=False, rngs=nnx.Rngs(0)).out.bias is None

@@ -47,7 +47,8 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
       scale: score scale, default ``1 / sqrt(H)``.
       dropout_rate: dropout on the attention weights when not ``deterministic``.
       deterministic: default for the call; ``model.eval()`` / ``model.train()`` set it.
-      use_bias: biases in the four projections.
+      use_bias: biases in the four projections; ``qkv_bias`` / ``out_bias`` override it for the
+        query/key/value and the output projections (Qwen2: biases on q, k, v only).
       dtype, param_dtype, precision, kernel_init, bias_init: as in ``flax.nnx.LinearGeneral``.
       implementation: passed to ``dot_product_attention``: None chooses, or a backend name or
         ``attention_jax.functional.backends.Backend`` instance.
@@ -99,6 +100,8 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
         dropout_rate: float = 0.0,
         deterministic: bool = False,
         use_bias: bool = False,
+        qkv_bias: bool | None = None,
+        out_bias: bool | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
@@ -138,13 +141,17 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
         self.implementation, self.record_weights = implementation, record_weights
 
         dense = dict(
-            use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
-            bias_init=bias_init, rngs=rngs,
+            dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init, bias_init=bias_init,
+            rngs=rngs,
         )  # fmt: skip
-        self.query = nnx.LinearGeneral(in_features, (num_heads, head_dim), **dense)
-        self.key = nnx.LinearGeneral(self.kv_features, (num_kv_heads, head_dim), **dense)
-        self.value = nnx.LinearGeneral(self.kv_features, (num_kv_heads, value_head_dim), **dense)
-        self.out = nnx.LinearGeneral((num_heads, value_head_dim), self.out_features, axis=(-2, -1), **dense)
+        qkv = dict(dense, use_bias=use_bias if qkv_bias is None else qkv_bias)
+        self.query = nnx.LinearGeneral(in_features, (num_heads, head_dim), **qkv)
+        self.key = nnx.LinearGeneral(self.kv_features, (num_kv_heads, head_dim), **qkv)
+        self.value = nnx.LinearGeneral(self.kv_features, (num_kv_heads, value_head_dim), **qkv)
+        self.out = nnx.LinearGeneral(
+            (num_heads, value_head_dim), self.out_features, axis=(-2, -1),
+            use_bias=use_bias if out_bias is None else out_bias, **dense,
+        )  # fmt: skip
         norm = dict(epsilon=norm_epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query_norm = nnx.RMSNorm(head_dim, **norm) if qk_norm else nnx.data(None)
         self.key_norm = nnx.RMSNorm(head_dim, **norm) if qk_norm else nnx.data(None)
