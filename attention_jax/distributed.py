@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -241,9 +242,9 @@ def sequence_parallel_attention(
       Explicit axes the output is sharded like the query; otherwise over the sequence axes.
     """
     shape = _checks.check_qkv(query, key, value)
-    scale = _ring_float("scale", _checks.check_scale(scale, shape.head_dim))
+    scale = _static_number("scale", _checks.check_scale(scale, shape.head_dim))
     softcap = _checks.check_softcap(softcap)
-    softcap = None if softcap is None else _ring_float("softcap", softcap)
+    softcap = None if softcap is None else _static_number("softcap", softcap)
     if mask is not None:
         mask = jax.tree.map(jnp.asarray, masks_lib.as_mask(mask))
         _mask_arrays(mask, shape)  # the mask's data must fit B, T and S
@@ -264,7 +265,7 @@ class _Static:
     explicit: bool  # the caller's Explicit mesh: keep the caller's sharding types
     scale: float
     softcap: float | None
-    implementation: str | None
+    implementation: Any  # a name, a Backend instance (all-to-all) or None
 
 
 # Under jit, also when called eagerly: shard_map outside jit runs its body op by op on every device
@@ -320,7 +321,7 @@ def _sharded(query, key, value, mask, static: _Static):
     return out, lse
 
 
-def _ring_float(name: str, value) -> float:
+def _static_number(name: str, value) -> float:
     try:
         return float(value)
     except (TypeError, jax.errors.ConcretizationTypeError):

@@ -112,6 +112,23 @@ def test_explicit_mesh_in_context_keeps_the_callers_sharding():
             assert_close(out, ref)
 
 
+def test_all_to_all_repeats_kv_heads_to_lcm_and_takes_a_backend_instance():
+    """K=3 key/value heads over 4 devices: each is repeated to lcm(3, 4) = 12 so every device gets the ones
+    its 3 query heads read (query head n reads K/V head n // 4); the local attention is a configured backend."""
+    mesh = jax.make_mesh((4,), ("sp",), devices=jax.devices()[:4])
+    sp = SequenceParallel("sp", kind="all_to_all", mesh=mesh, implementation=aj.functional.backends.Blockwise(8, 8))
+    q, k, v = random_qkv(7, b=2, t=32, n=12, k=3, h=8)
+    mask = aj.masks.causal() & aj.masks.segments(_segment_ids(7)[:, :32])
+
+    def loss(attention):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, mask=mask))), (0, 1, 2)))
+
+    (value, grads), (ref_value, ref_grads) = loss(sp)(q, k, v), loss(aj.dot_product_attention)(q, k, v)
+    assert_close(value, ref_value)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert_close(grad, ref_grad, grad=True)
+
+
 # -- eager grad -----------------------------------------------------------------------------------
 
 
