@@ -266,3 +266,11 @@ def test_per_projection_biases():
     no_key_bias.key.bias[...] = jnp.zeros_like(layer.key.bias[...])
     np.testing.assert_allclose(layer(x), no_key_bias(x), atol=2e-5, rtol=2e-5)
     assert aj.nn.MultiHeadAttention(D, num_heads=2, use_bias=True, out_bias=False, rngs=nnx.Rngs(0)).out.bias is None
+
+
+def test_post_norm_stack_has_no_final_norm():
+    """Post-norm blocks end in a norm; the stack adds none (BERT)."""
+    enc = aj.nn.TransformerEncoder(2, D, num_heads=2, norm="layer", norm_position="post", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(9), (1, 4, D))
+    np.testing.assert_allclose(enc(x), enc.blocks[1](enc.blocks[0](x)), atol=1e-6, rtol=1e-6)
+    assert enc.final_norm is None

@@ -60,10 +60,15 @@ class _Stack(nnx.Module):
                 for i, factory in enumerate(_factories(attention, num_layers, config))
             ]
         )
-        self.final_norm = make_norm(
-            config.norm, features, epsilon=config.norm_epsilon, dtype=config.dtype, param_dtype=config.param_dtype,
-            rngs=rngs,
-        )  # fmt: skip
+        # A post-norm block already ends in a norm (BERT has no final one); pre-norm stacks need it.
+        self.final_norm = (
+            nnx.data(None)
+            if config.norm_position == "post"
+            else make_norm(
+                config.norm, features, epsilon=config.norm_epsilon, dtype=config.dtype,
+                param_dtype=config.param_dtype, rngs=rngs,
+            )  # fmt: skip
+        )
 
     def run(self, x: Array, *, cache: Sequence | None = None, **kwargs):
         """Every block over ``x [B, T, D]`` with the same call keywords, one cache per block."""
@@ -79,7 +84,8 @@ class _Stack(nnx.Module):
                 out = block(x, **layer_kwargs)
             x, layer_cache = out if cache is not None else (out, None)
             new_caches.append(layer_cache)
-        x = self.final_norm(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         return x if cache is None else (x, tuple(new_caches))
 
     def init_cache(self, batch_size: int, max_length: int, **options) -> tuple:
