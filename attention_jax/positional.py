@@ -85,7 +85,8 @@ class YaRNScaling:
 
     Dimensions rotating more than ``beta_fast`` times over the original context extrapolate,
     fewer than ``beta_slow`` interpolate, a linear ramp between; cos/sin are scaled by
-    ``attention_factor`` (default ``0.1 * ln(factor) + 1``).
+    ``attention_factor`` (default ``0.1 * ln(factor) + 1``). ``truncate`` rounds the ramp's ends
+    to whole dimensions (the paper and most checkpoints); gpt-oss sets it False.
     """
 
     factor: float
@@ -93,14 +94,16 @@ class YaRNScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None
+    truncate: bool = True
 
     def correction_range(self, dim: int, theta: float) -> tuple[float, float]:
         def correction_dim(num_rotations):
             return dim * math.log(self.original_max_position / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(correction_dim(self.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(self.beta_slow)), dim - 1)
-        return low, high
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        return max(low, 0), min(high, dim - 1)
 
     def inv_freq(self, inv_freq: np.ndarray, dim: int, theta: float) -> np.ndarray:
         low, high = self.correction_range(dim, theta)

@@ -157,3 +157,22 @@ def test_t5_buckets_against_the_formula():
 def test_bad_config_raises(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_frequencies_match_transformers(truncate):
+    """gpt-oss turns off the rounding of YaRN's ramp ends (``truncate=False``); both match transformers."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import modeling_rope_utils
+
+    dim, theta = 64, 150000.0
+    config = transformers.LlamaConfig(
+        hidden_size=4 * dim, num_attention_heads=4, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "truncate": truncate, "rope_theta": theta, "beta_fast": 32.0, "beta_slow": 1.0},
+    )  # fmt: skip
+    expected, attention_factor = modeling_rope_utils._compute_yarn_parameters(config, "cpu")
+    base = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    yarn = YaRNScaling(factor=32.0, original_max_position=4096, truncate=truncate)
+    np.testing.assert_allclose(yarn.inv_freq(base, dim, theta), expected.numpy(), rtol=1e-6)
+    assert yarn.magnitude == pytest.approx(attention_factor)

@@ -40,7 +40,10 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
       sinks: learn one attention-sink logit per head (gpt-oss).
       mask: an :class:`attention_jax.masks.Mask` (or boolean array) of the layer, e.g. ``causal()``.
       sliding_window: if set, also restrict each query to the ``sliding_window`` previous tokens
-        (``causal() & sliding_window(w)``); such a layer can decode with a ``RollingKVCache``.
+        (``causal() & sliding_window(w)``); such a layer can decode with a ``RollingKVCache``. A query
+        sees itself and ``w`` earlier tokens, ``w + 1`` keys; Hugging Face configs (Mistral, Gemma)
+        count the query among their ``sliding_window`` keys, so their ``W`` is our ``W - 1`` (the
+        loaders in :mod:`attention_jax.models` convert).
       pattern: a :class:`~attention_jax.masks.Mask` that always applies, ANDed with the call's (or
         the default) mask: a sparse pattern from :mod:`attention_jax.sparse_patterns` (this is how
         ``LongformerAttention``, ``BigBirdAttention`` and ``SparseTransformerAttention`` are built).
