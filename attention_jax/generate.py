@@ -2,7 +2,9 @@
 
 ``generate`` works with any model called as ``model(tokens, cache=cache, lengths=lengths) ->
 (logits, cache)`` that has ``model.init_cache(batch_size, max_length, kind=..., quantized=...)``,
-such as :class:`attention_jax.nn.TransformerLM`.
+such as :class:`attention_jax.nn.TransformerLM` (any attention layer that decodes, see
+:class:`attention_jax.nn.AttentionLayer`). An encoder-decoder passes its encoder output through
+``model_inputs`` (e.g. ``{"context": encoder_out}``), given to every call of the model.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def generate(
     cache_kind: str = "dense",
     quantized: bool = False,
     cache_options: dict[str, Any] | None = None,
+    model_inputs: dict[str, Any] | None = None,
 ) -> Array:
     """Generate ``max_new_tokens`` tokens after ``prompt [B, T]``.
 
@@ -83,6 +86,9 @@ def generate(
       eos_id: once a row emits it, the row's later tokens are ``eos_id`` too.
       cache_kind, quantized, cache_options: the caches (``model.init_cache(B, T + max_new_tokens,
         kind=cache_kind, quantized=quantized, **cache_options)``).
+      model_inputs: more keyword arguments (arrays, or pytrees of them) for every call of the model:
+        an encoder-decoder's encoder output (``{"context": encoder_out, "context_lengths": n}``),
+        computed once and read at every step.
 
     Returns:
       ``[B, max_new_tokens]`` int32.
@@ -120,20 +126,21 @@ def generate(
     rng = jax.random.key(0) if rng is None else rng
     sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
     tokens, cache = _generate(
-        graphdef, state, prompt, lengths, cache, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, **sampling
-    )
+        graphdef, state, prompt, lengths, cache, rng, dict(model_inputs or {}), max_new_tokens=max_new_tokens,
+        eos_id=eos_id, **sampling,
+    )  # fmt: skip
     for layer_cache in jax.tree.leaves(cache, is_leaf=lambda c: hasattr(c, "check")):
         layer_cache.check()
     return tokens
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, prompt, lengths, cache, rng, *, max_new_tokens, eos_id, **sampling):
+def _generate(graphdef, state, prompt, lengths, cache, rng, model_inputs, *, max_new_tokens, eos_id, **sampling):
     b = prompt.shape[0]
 
     def step(tokens, cache, lengths):
         model = nnx.merge(graphdef, state)
-        return model(tokens, cache=cache, lengths=lengths)  # [B, T, V]
+        return model(tokens, cache=cache, lengths=lengths, **model_inputs)  # [B, T, V]
 
     logits, cache = step(prompt, cache, lengths)  # prefill
     last = jnp.take_along_axis(logits, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]  # [B, V]

@@ -23,14 +23,16 @@ def _lm(window=None):
     return aj.nn.TransformerLM(V, D, 2, attention=attention, rngs=nnx.Rngs(0))
 
 
-def _greedy_by_full_forward(lm, prompt, lengths):
+def _greedy_by_full_forward(lm, prompt, lengths, forward=None):
     """The oracle: append the argmax of the last real position and re-run the whole sequence."""
-    forward = nnx.jit(lambda m, t: m(t))
+    if forward is None:
+        run = nnx.jit(lambda m, t: m(t))
+        forward = lambda t: run(lm, t)
     out = []
     for b, length in enumerate(lengths):
         seq = list(np.asarray(prompt[b, :length]))
         for _ in range(NEW):
-            logits = forward(lm, jnp.asarray(seq + [0] * (max(lengths) + NEW - len(seq)))[None])  # fixed shape
+            logits = forward(jnp.asarray(seq + [0] * (max(lengths) + NEW - len(seq)))[None])  # fixed shape
             seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
         out.append(seq[length:])
     return np.asarray(out)
@@ -85,3 +87,39 @@ def test_errors():
     with pytest.raises(ValueError, match="PagedKVCache overflowed"):
         aj.generate(lm, PROMPT, max_new_tokens=NEW, cache_kind="paged", quantized=True,
                     cache_options=dict(page_size=2, num_pages=4))  # fmt: skip
+
+
+class _Seq2Seq(nnx.Module):
+    """A user's encoder-decoder: the encoder runs once, its output reaches every decoding step."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+        self.encoder = aj.nn.TransformerEncoder(1, D, num_heads=2, rngs=rngs)
+        self.decoder = aj.nn.TransformerDecoder(1, D, num_heads=2, rngs=rngs)
+
+    def encode(self, source):
+        return self.encoder(self.embed(source))
+
+    def __call__(self, tokens, *, context, cache=None, lengths=None):
+        out = self.decoder(self.embed(tokens), context, cache=cache, lengths=lengths)
+        h, cache = out if cache is not None else (out, None)
+        logits = self.embed.attend(h)
+        return logits if cache is None else (logits, cache)
+
+    def init_cache(self, batch_size, max_length, **options):
+        return self.decoder.init_cache(batch_size, max_length, **options)
+
+
+def test_encoder_decoder_generates_with_model_inputs():
+    model = _Seq2Seq(nnx.Rngs(0))
+    source = jax.random.randint(jax.random.key(2), (2, 7), 0, V)
+    context = model.encode(source)
+    tokens = aj.generate(model, PROMPT, max_new_tokens=NEW, prompt_lengths=jnp.asarray(LENGTHS),
+                         model_inputs={"context": context})  # fmt: skip
+    run = nnx.jit(lambda m, t, c: m(t, context=c))
+    expected = [  # the oracle runs one row (and its own encoder output) at a time
+        _greedy_by_full_forward(None, PROMPT[b : b + 1], LENGTHS[b : b + 1],
+                                forward=lambda t, b=b: run(model, t, context[b : b + 1]))  # fmt: skip
+        for b in range(2)
+    ]
+    np.testing.assert_array_equal(tokens, np.concatenate(expected))
