@@ -13,13 +13,14 @@ BigBird, Sparse Transformer masks), ``explain`` (attention maps; imported on fir
 """
 
 from attention_jax import cache, functional, masks, nn, positional, score_mods, sparse_patterns
-from attention_jax.distributed import sequence_parallel_attention
+from attention_jax.distributed import SequenceParallel, sequence_parallel_attention
 from attention_jax.functional import attention_weights, dot_product_attention
 from attention_jax.generate import generate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SequenceParallel",
     "attention_weights",
     "cache",
     "dot_product_attention",
