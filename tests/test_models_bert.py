@@ -125,7 +125,7 @@ def test_gradients_match(pair):
 
 def test_export_round_trip(pair, tmp_path):
     hf, model = pair
-    bert.save_pretrained(model, tmp_path)
+    bert.to_pretrained(model, tmp_path)
     back = transformers.BertModel.from_pretrained(tmp_path).float().eval()
     tokens, types = _inputs(5, 1, 9)
     for ours, ref in zip(_hf(back, tokens, types), _hf(hf, tokens, types), strict=True):

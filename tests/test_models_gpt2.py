@@ -115,7 +115,7 @@ def test_greedy_generation_ragged_batch(pair, kind):
 def test_export_round_trip(pair, tmp_path):
     hf, model, _ = pair
     config = gpt2.GPT2Config.from_hf(hf.config.to_dict())
-    gpt2.save_pretrained(model, config, tmp_path)
+    gpt2.to_pretrained(model, config, tmp_path)
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).float().eval()
     tokens = _tokens(5, (1, 8))
     np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(hf, tokens), rtol=1e-6, atol=1e-6)

@@ -34,7 +34,7 @@ from attention_jax.models._loading import read_config, read_weights, take, write
 from attention_jax.models.gpt2 import assign
 from attention_jax.nn import _common
 
-__all__ = ["BertConfig", "BertModel", "build", "from_pretrained", "save_pretrained", "to_hf_weights"]
+__all__ = ["BertConfig", "BertModel", "build", "from_pretrained", "to_pretrained", "to_hf_weights"]
 
 Array = jax.Array
 
@@ -278,6 +278,6 @@ def to_hf_weights(model: BertModel) -> dict[str, np.ndarray]:
     return out
 
 
-def save_pretrained(model: BertModel, path: str | Path) -> None:
+def to_pretrained(model: BertModel, path: str | Path) -> None:
     """Write ``model`` as a Hugging Face ``BertModel`` checkpoint directory (``config.json`` + safetensors)."""
     write_weights(path, to_hf_weights(model), model.config.to_hf())

@@ -30,7 +30,7 @@ from flax import nnx
 from attention_jax import nn as ajnn
 from attention_jax.models._loading import read_config, read_weights, take, write_weights
 
-__all__ = ["GPT2Config", "build", "from_pretrained", "save_pretrained", "to_hf_weights"]
+__all__ = ["GPT2Config", "build", "from_pretrained", "to_pretrained", "to_hf_weights"]
 
 # Hugging Face's activation names (``activation_function``) as our MLP kinds.
 ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
@@ -220,6 +220,6 @@ def to_hf_weights(model: ajnn.TransformerLM, config: GPT2Config) -> dict[str, np
     return out
 
 
-def save_pretrained(model: ajnn.TransformerLM, config: GPT2Config, path: str | Path) -> None:
+def to_pretrained(model: ajnn.TransformerLM, config: GPT2Config, path: str | Path) -> None:
     """Write ``model`` as a Hugging Face GPT-2 checkpoint directory (``config.json`` + ``model.safetensors``)."""
     write_weights(path, to_hf_weights(model, config), config.to_hf())
