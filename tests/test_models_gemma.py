@@ -1,0 +1,96 @@
+"""Gemma 2 and Gemma 3 (text) from local checkpoints against transformers (torch, float32).
+
+Same checks as ``test_models_llama.py`` (whose helpers these tests reuse): logits, the gradient of
+every weight, greedy generation with each cache kind on a ragged batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import attention_jax as aj
+from attention_jax.models import gemma
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from test_models_llama import assert_close, check_generate, check_logits_and_grads, save_tiny  # noqa: E402
+
+# head_dim 16 with query_pre_attn_scalar 12 (not H) checks the score scale; 3 layers: local, global, local.
+GEMMA = dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=12, sliding_window=4)
+
+
+def load(tmp_path):
+    model = gemma.from_pretrained(tmp_path)
+    config = gemma.GemmaConfig.from_hf(gemma.read_config(tmp_path))
+    return model, config, lambda m: gemma.entries(m, config)
+
+
+def save_gemma2(tmp_path):
+    # Small softcaps so that both caps bend the values (random scores reach a few units).
+    return save_tiny(tmp_path, "Gemma2Config", "Gemma2ForCausalLM", attn_logit_softcapping=2.0,
+                     final_logit_softcapping=3.0, **GEMMA)  # fmt: skip
+
+
+def test_gemma2(tmp_path):
+    hf = save_gemma2(tmp_path)
+    model, config, entries_of = load(tmp_path)
+    assert config.sliding_window == 3 and config.layer_types[:2] == ("sliding_attention", "full_attention")
+    assert [block.attention.sliding_window for block in model.stack.blocks] == [3, None, 3]
+    check_logits_and_grads(model, hf, entries_of)
+    check_generate(model, hf, ["rolling"])
+
+
+@pytest.mark.slow
+def test_gemma2_dense_and_paged_caches(tmp_path):
+    hf = save_gemma2(tmp_path)
+    model, _, _ = load(tmp_path)
+    check_generate(model, hf, ["dense", "paged"])
+
+
+def test_gemma3(tmp_path):
+    rope = dict(full_attention=dict(rope_type="linear", factor=4.0, rope_theta=1e6),
+                sliding_attention=dict(rope_type="default", rope_theta=1e4))  # fmt: skip
+    layer_types = ["sliding_attention", "sliding_attention", "full_attention"]
+    hf = save_tiny(tmp_path, "Gemma3TextConfig", "Gemma3ForCausalLM", rope_parameters=rope, layer_types=layer_types,
+                   final_logit_softcapping=None, **GEMMA)  # fmt: skip
+    model, config, entries_of = load(tmp_path)
+    assert config.qk_norm and config.local_rope.theta == 1e4 and config.rope.scaling.factor == 4.0
+    check_logits_and_grads(model, hf, entries_of)
+    check_generate(model, hf, ["rolling"])
+
+
+def test_round_trip(tmp_path):
+    """to_pretrained writes what transformers loads to the same logits, and from_pretrained reads it back."""
+    config = gemma.GemmaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+        sliding_window=3, qk_norm=True, attn_softcap=None, model_type="gemma3_text",
+        local_rope=aj.positional.RoPE(theta=1e4), rope=aj.positional.RoPE(theta=1e6),
+    )  # fmt: skip
+    model = gemma.build(config, rngs=nnx.Rngs(3))
+    for block in model.stack.blocks:  # non-trivial norms (a fresh (1 + w) norm stores zeros)
+        block.post_mlp_norm.scale[...] = jnp.linspace(-0.5, 0.5, 32)
+        block.attention.key_norm.scale[...] = jnp.linspace(0.5, 1.5, 16)
+    gemma.to_pretrained(model, config, tmp_path)
+    assert gemma.GemmaConfig.from_hf(gemma.read_config(tmp_path)) == config
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    tokens = np.random.default_rng(0).integers(0, 64, (1, 10))
+    assert_close(model(jnp.asarray(tokens, jnp.int32)), hf(torch.tensor(tokens)).logits.detach().numpy(), "logits")
+    again = gemma.from_pretrained(tmp_path)
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
+
+
+def test_bad_config():
+    base = dict(model_type="gemma2", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=1)  # fmt: skip
+    with pytest.raises(ValueError, match="multimodal"):
+        gemma.GemmaConfig.from_hf(dict(base, model_type="gemma3", text_config={}))
+    with pytest.raises(ValueError, match="sliding_window"):
+        gemma.GemmaConfig.from_hf(dict(base, sliding_window=1))
+    with pytest.raises(ValueError, match="layer_types"):
+        gemma.GemmaConfig(8, 8, 8, 2, 1, layer_types=("full_attention",))
