@@ -1,0 +1,240 @@
+"""T5: a shared embedding, a :class:`~attention_jax.nn.TransformerEncoder` and a
+:class:`~attention_jax.nn.TransformerDecoder`, and its Hugging Face checkpoints.
+
+T5 runs pre-norm blocks with RMSNorm (no bias), unscaled scores (``scale=1``), no biases, and a
+learned relative position bias (bidirectional in the encoder, causal buckets in the decoder) that
+Hugging Face stores once per stack, in its first layer, and shares: the loader copies that table into
+every layer's ``relative_bias`` (equal forward; each layer's gradient is one term of the shared
+table's). The MLP is ``relu`` (T5) or gated GELU (``gated-gelu``, T5 v1.1: ``wi_0`` the gate,
+``wi_1`` the up projection). Logits read the shared embedding after scaling the decoder output by
+``D ** -0.5`` (T5; not T5 v1.1, which has a separate ``lm_head``).
+
+Generation runs through :func:`attention_jax.generate` with the encoder output as ``model_inputs``:
+
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> import attention_jax as aj
+>>> config = T5Config(vocab_size=64, features=16, num_layers=1, num_heads=2, head_dim=8, mlp_features=32)
+>>> model = T5Model(config, rngs=nnx.Rngs(0))
+>>> inputs = jnp.ones((2, 5), jnp.int32)
+>>> context = model.encode(inputs, lengths=jnp.array([5, 3]))
+>>> start = jnp.zeros((2, 1), jnp.int32)  # decoder_start_token_id
+>>> aj.generate(model, start, max_new_tokens=3,
+...             model_inputs={"context": context, "context_lengths": jnp.array([5, 3])}).shape
+(2, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attention_jax import masks as masks_lib
+from attention_jax import nn as ajnn
+from attention_jax.models._loading import read_config, read_weights, take
+from attention_jax.models.gpt2 import assign
+
+__all__ = ["T5Config", "T5Model", "build", "from_pretrained"]
+
+Array = jax.Array
+
+# Hugging Face's ``feed_forward_proj`` as our MLP kinds (T5 v1.1's "gated-gelu" uses the tanh GELU).
+ACTIVATIONS = {"relu": "relu", "gated-gelu": "geglu", "gated-gelu_new": "geglu", "gelu_new": "gelu", "gelu": "gelu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """The shape of a T5 encoder-decoder.
+
+    Attributes:
+      vocab_size: V.
+      features: D (``d_model``).
+      num_layers, num_decoder_layers: encoder and decoder blocks (the decoder defaults to the encoder's).
+      num_heads: N.
+      head_dim: H (``d_kv``; N * H need not equal D).
+      mlp_features: hidden width of the MLP (``d_ff``).
+      mlp: our MLP kind (``"relu"``, or ``"geglu"`` for ``gated-gelu``).
+      relative_buckets, relative_max_distance: the relative position bias.
+      norm_epsilon: RMSNorm epsilon (``layer_norm_epsilon``).
+      scale_outputs: scale the decoder output by ``D ** -0.5`` before the logits (T5, not v1.1).
+      tie_embeddings: logits read the shared embedding; else a separate ``lm_head``.
+    """
+
+    vocab_size: int = 32128
+    features: int = 512
+    num_layers: int = 6
+    num_decoder_layers: int | None = None
+    num_heads: int = 8
+    head_dim: int = 64
+    mlp_features: int = 2048
+    mlp: str = "relu"
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    norm_epsilon: float = 1e-6
+    scale_outputs: bool = True
+    tie_embeddings: bool = True
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], *, tie_embeddings: bool = True) -> T5Config:
+        """Our config from a Hugging Face ``T5Config`` dict (``config.json``)."""
+        proj = config.get("feed_forward_proj", "relu")
+        if proj not in ACTIVATIONS:
+            raise ValueError(f"T5Config: feed_forward_proj must be one of {tuple(ACTIVATIONS)}, got {proj!r}.")
+        return cls(
+            vocab_size=config["vocab_size"],
+            features=config["d_model"],
+            num_layers=config["num_layers"],
+            num_decoder_layers=config.get("num_decoder_layers") or config["num_layers"],
+            num_heads=config["num_heads"],
+            head_dim=config["d_kv"],
+            mlp_features=config["d_ff"],
+            mlp=ACTIVATIONS[proj],
+            relative_buckets=config.get("relative_attention_num_buckets", 32),
+            relative_max_distance=config.get("relative_attention_max_distance", 128),
+            norm_epsilon=config.get("layer_norm_epsilon", 1e-6),
+            scale_outputs=config.get("scale_decoder_outputs", config.get("tie_word_embeddings", True) is not False),
+            tie_embeddings=tie_embeddings,
+        )
+
+
+class T5Model(nnx.Module):
+    """T5 (Hugging Face's ``T5ForConditionalGeneration``) from :mod:`attention_jax.nn` stacks.
+
+    :meth:`encode` maps input tokens to ``context [B, S, D]``; a call maps decoder tokens and that
+    context to logits, decoding with ``cache=`` from :meth:`init_cache` as ``aj.generate`` expects.
+    """
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs, dtype: Any = None, param_dtype: Any = jnp.float32):
+        self.config = config
+        d, dtypes = config.features, dict(dtype=dtype, param_dtype=param_dtype)
+        attention = functools.partial(
+            ajnn.MultiHeadAttention, num_heads=config.num_heads, head_dim=config.head_dim, scale=1.0, **dtypes
+        )
+        relative = functools.partial(
+            attention, relative_buckets=config.relative_buckets, relative_max_distance=config.relative_max_distance
+        )
+        block = ajnn.BlockConfig(
+            num_heads=config.num_heads, mlp=config.mlp, mlp_features=config.mlp_features, norm="rms",
+            norm_epsilon=config.norm_epsilon, **dtypes,
+        )  # fmt: skip
+        self.embed = nnx.Embed(config.vocab_size, d, **dtypes, rngs=rngs)
+        self.encoder = ajnn.TransformerEncoder(
+            config.num_layers, d, attention=functools.partial(relative, relative_bidirectional=True), config=block,
+            rngs=rngs,
+        )  # fmt: skip
+        self.decoder = ajnn.TransformerDecoder(
+            config.num_decoder_layers or config.num_layers, d,
+            attention=functools.partial(relative, relative_bidirectional=False), cross_attention=attention,
+            config=block, rngs=rngs,
+        )  # fmt: skip
+        tied = config.tie_embeddings
+        self.head = nnx.data(None) if tied else nnx.Linear(d, config.vocab_size, use_bias=False, **dtypes, rngs=rngs)
+
+    def encode(self, tokens: Array, *, lengths: Array | None = None, deterministic: bool | None = None) -> Array:
+        """Encoder output ``[B, S, D]`` of ``tokens [B, S]`` (int), right-padded to ``lengths [B]``."""
+        _check_tokens("tokens", tokens)
+        return self.encoder(self.embed(tokens), lengths=lengths, deterministic=deterministic)
+
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        context: Array,
+        context_lengths: Array | None = None,
+        mask: masks_lib.Mask | Array | None = None,
+        lengths: Array | None = None,
+        cache: Sequence | None = None,
+        deterministic: bool | None = None,
+    ):
+        """Logits ``[B, T, V]`` of decoder ``tokens [B, T]`` attending to ``context [B, S, D]``.
+
+        ``context_lengths [B]`` masks the context's right padding; with ``cache`` returns ``(logits, caches)``.
+        """
+        _check_tokens("tokens", tokens)
+        out = self.decoder(
+            self.embed(tokens), context, mask=mask, context_lengths=context_lengths, lengths=lengths, cache=cache,
+            deterministic=deterministic,
+        )  # fmt: skip
+        x, cache = out if cache is not None else (out, None)
+        if self.config.scale_outputs:
+            x = x * jnp.asarray(self.config.features**-0.5, x.dtype)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)  # [B, T, V]
+        return logits if cache is None else (logits, cache)
+
+    def init_cache(self, batch_size: int, max_length: int, **options) -> tuple:
+        """The decoder's self-attention caches (cross-attention reads ``context`` at every step)."""
+        return self.decoder.init_cache(batch_size, max_length, **options)
+
+
+def _check_tokens(name: str, tokens) -> None:
+    if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        raise ValueError(
+            f"T5Model: {name} must be integers of shape [B, T], got {jnp.result_type(tokens)} {jnp.shape(tokens)}."
+        )
+
+
+def build(config: T5Config, *, rngs: nnx.Rngs, dtype: Any = None, param_dtype: Any = jnp.float32) -> T5Model:
+    """A randomly initialised :class:`T5Model` of ``config``."""
+    return T5Model(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+
+def load_weights(model: T5Model, weights: Mapping[str, np.ndarray]) -> None:
+    """Copy Hugging Face T5 ``weights`` (name -> array) into ``model``, in place."""
+    c = model.config
+    n, h, d = c.num_heads, c.head_dim, c.features
+
+    def put(param, name, fn=lambda w: w):
+        assign(param, fn(take(weights, name)), name)
+
+    def attention(attn, name, table=None):
+        for proj, key in ((attn.query, "q"), (attn.key, "k"), (attn.value, "v")):
+            put(proj.kernel, f"{name}.{key}.weight", lambda w: w.T.reshape(d, n, h))  # [N*H, D] -> [D, N, H]
+        put(attn.out.kernel, f"{name}.o.weight", lambda w: w.T.reshape(n, h, d))  # [D, N*H] -> [N, H, D]
+        if table is not None:  # one table per stack, shared by every layer
+            put(attn.relative_bias, table)
+
+    def mlp(ffn, name):
+        if ffn.gate is None:
+            put(ffn.up.kernel, f"{name}.wi.weight", np.transpose)
+        else:
+            put(ffn.gate.kernel, f"{name}.wi_0.weight", np.transpose)
+            put(ffn.up.kernel, f"{name}.wi_1.weight", np.transpose)
+        put(ffn.down.kernel, f"{name}.wo.weight", np.transpose)
+
+    put(model.embed.embedding, "shared.weight")
+    for stack_name, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+        table = f"{stack_name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"  # [buckets, N]
+        for i, block in enumerate(stack.blocks):
+            g = f"{stack_name}.block.{i}.layer."
+            attention(block.attention, g + "0.SelfAttention", table)
+            put(block.attention_norm.scale, g + "0.layer_norm.weight")
+            last = 1
+            if block.cross_attention is not None:
+                attention(block.cross_attention, g + "1.EncDecAttention")
+                put(block.cross_norm.scale, g + "1.layer_norm.weight")
+                last = 2
+            mlp(block.mlp, f"{g}{last}.DenseReluDense")
+            put(block.mlp_norm.scale, f"{g}{last}.layer_norm.weight")
+        put(stack.final_norm.scale, f"{stack_name}.final_layer_norm.weight")
+    if model.head is not None:
+        put(model.head.kernel, "lm_head.weight", np.transpose)
+
+
+def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> T5Model:
+    """T5 from a local Hugging Face checkpoint directory (``config.json`` + safetensors), no torch.
+
+    A checkpoint with its own ``lm_head.weight`` (T5 v1.1) gets a separate head.
+    """
+    weights = read_weights(path)
+    config = T5Config.from_hf(read_config(path), tie_embeddings="lm_head.weight" not in weights)
+    model = build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    load_weights(model, weights)
+    return model
