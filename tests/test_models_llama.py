@@ -8,6 +8,8 @@ The helpers here are shared with ``test_models_gemma.py``.
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,3 +172,21 @@ def test_bad_checkpoint(tmp_path):
     del weights["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ValueError, match="up_proj"):
         llama.load(llama.entries(model, config), weights)
+
+
+def test_sharded_bfloat16_checkpoint(tmp_path):
+    """A bfloat16 checkpoint in several shards loads exactly (upcast) and runs in bfloat16 too."""
+    hf = save_tiny(tmp_path / "f32", "Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True)
+    with torch.no_grad():  # the reference: float32 with bfloat16-rounded weights (RoPE buffers stay float32)
+        for p in hf.parameters():
+            p.copy_(p.bfloat16().float())
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
+    assert len(list((tmp_path / "bf16").glob("*.safetensors"))) > 1
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 10))
+    expected = hf(torch.tensor(tokens)).logits.detach().numpy()
+    model = llama.from_pretrained(tmp_path / "bf16")
+    assert_close(model(jnp.asarray(tokens, jnp.int32)), expected, "logits")
+    half = llama.from_pretrained(tmp_path / "bf16", dtype=jnp.bfloat16)
+    logits = half(jnp.asarray(tokens, jnp.int32))
+    assert logits.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(logits, np.float32), expected, atol=0.1 * np.abs(expected).max())
