@@ -146,6 +146,16 @@ def test_greedy_generation_ragged_inputs(pair, kind):
         np.testing.assert_array_equal(np.asarray(ours[row]), expected)
 
 
+def test_export_round_trip(pair, tmp_path):
+    hf, model = pair
+    t5.to_pretrained(model, tmp_path)
+    back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).float().eval()
+    inputs, targets = torch.from_numpy(_tokens(9, (1, 7))), torch.from_numpy(_tokens(10, (1, 5)))
+    with torch.no_grad():
+        ours, ref = (m(input_ids=inputs, decoder_input_ids=targets).logits.numpy() for m in (back, hf))
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="feed_forward_proj"):
         t5.T5Config.from_hf(dict(vocab_size=8, d_model=8, num_layers=1, num_heads=2, d_kv=4, d_ff=8,

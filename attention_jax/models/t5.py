@@ -39,15 +39,18 @@ from flax import nnx
 
 from attention_jax import masks as masks_lib
 from attention_jax import nn as ajnn
-from attention_jax.models._loading import read_config, read_weights, take
+from attention_jax.models._loading import read_config, read_weights, take, write_weights
 from attention_jax.models.gpt2 import assign
 
-__all__ = ["T5Config", "T5Model", "build", "from_pretrained"]
+__all__ = ["T5Config", "T5Model", "build", "from_pretrained", "to_hf_weights", "to_pretrained"]
 
 Array = jax.Array
 
-# Hugging Face's ``feed_forward_proj`` as our MLP kinds (T5 v1.1's "gated-gelu" uses the tanh GELU).
-ACTIVATIONS = {"relu": "relu", "gated-gelu": "geglu", "gated-gelu_new": "geglu", "gelu_new": "gelu", "gelu": "gelu"}
+# Hugging Face's ``feed_forward_proj`` as our MLP kinds: "gelu" is the exact GELU, but T5 v1.1's "gated-gelu"
+# means the tanh one (``gelu_new``).
+ACTIVATIONS = {
+    "relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu", "gated-gelu": "geglu", "gated-gelu_new": "geglu",
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +106,20 @@ class T5Config:
             scale_outputs=config.get("scale_decoder_outputs", config.get("tie_word_embeddings", True) is not False),
             tie_embeddings=tie_embeddings,
         )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` dict of this config (the reverse of :meth:`from_hf`)."""
+        proj = {"relu": "relu", "gelu_exact": "gelu", "gelu": "gelu_new", "geglu": "gated-gelu"}[self.mlp]
+        return dict(
+            architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=self.vocab_size,
+            d_model=self.features, num_layers=self.num_layers,
+            num_decoder_layers=self.num_decoder_layers or self.num_layers, num_heads=self.num_heads,
+            d_kv=self.head_dim, d_ff=self.mlp_features, feed_forward_proj=proj,
+            relative_attention_num_buckets=self.relative_buckets,
+            relative_attention_max_distance=self.relative_max_distance, layer_norm_epsilon=self.norm_epsilon,
+            scale_decoder_outputs=self.scale_outputs, tie_word_embeddings=self.tie_embeddings,
+            is_encoder_decoder=True, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )  # fmt: skip
 
 
 class T5Model(nnx.Module):
@@ -238,3 +255,51 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> T5Model:
     model = build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
     load_weights(model, weights)
     return model
+
+
+def to_hf_weights(model: T5Model) -> dict[str, np.ndarray]:
+    """The Hugging Face ``T5ForConditionalGeneration`` tensors of ``model`` (the reverse of :func:`load_weights`).
+
+    Each stack's relative bias table is written from its first layer (Hugging Face keeps one).
+    """
+    d, out = model.config.features, {}
+
+    def get(param) -> np.ndarray:
+        return np.asarray(jax.device_get(param[...]))
+
+    def attention(attn, name):
+        for proj, key in ((attn.query, "q"), (attn.key, "k"), (attn.value, "v")):
+            out[f"{name}.{key}.weight"] = get(proj.kernel).reshape(d, -1).T  # [N*H, D]
+        out[f"{name}.o.weight"] = get(attn.out.kernel).reshape(-1, d).T  # [D, N*H]
+
+    def mlp(ffn, name):
+        if ffn.gate is None:
+            out[f"{name}.wi.weight"] = get(ffn.up.kernel).T
+        else:
+            out[f"{name}.wi_0.weight"], out[f"{name}.wi_1.weight"] = get(ffn.gate.kernel).T, get(ffn.up.kernel).T
+        out[f"{name}.wo.weight"] = get(ffn.down.kernel).T
+
+    out["shared.weight"] = get(model.embed.embedding)
+    for stack_name, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+        table = f"{stack_name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        out[table] = get(stack.blocks[0].attention.relative_bias)
+        for i, block in enumerate(stack.blocks):
+            g = f"{stack_name}.block.{i}.layer."
+            attention(block.attention, g + "0.SelfAttention")
+            out[g + "0.layer_norm.weight"] = get(block.attention_norm.scale)
+            last = 1
+            if block.cross_attention is not None:
+                attention(block.cross_attention, g + "1.EncDecAttention")
+                out[g + "1.layer_norm.weight"] = get(block.cross_norm.scale)
+                last = 2
+            mlp(block.mlp, f"{g}{last}.DenseReluDense")
+            out[f"{g}{last}.layer_norm.weight"] = get(block.mlp_norm.scale)
+        out[f"{stack_name}.final_layer_norm.weight"] = get(stack.final_norm.scale)
+    if model.head is not None:
+        out["lm_head.weight"] = get(model.head.kernel).T
+    return out
+
+
+def to_pretrained(model: T5Model, path: str | Path) -> None:
+    """Write ``model`` as a Hugging Face T5 checkpoint directory (``config.json`` + ``model.safetensors``)."""
+    write_weights(path, to_hf_weights(model), model.config.to_hf())
