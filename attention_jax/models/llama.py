@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ class LlamaConfig:
             num_kv_heads=config.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             norm_epsilon=config.get("rms_norm_eps", 1e-6),
-            rope=rope_from_hf(rope_parameters(config)),
+            rope=rope_from_hf(rope_parameters(config), config.get("max_position_embeddings")),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases and no output bias; the others follow attention_bias for all four.
             qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
@@ -206,8 +207,11 @@ def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def rope_from_hf(params: Mapping[str, Any]) -> positional.RoPE:
-    """A :class:`~attention_jax.positional.RoPE` from Hugging Face RoPE parameters (default, linear, llama3)."""
+def rope_from_hf(params: Mapping[str, Any], max_position: int | None = None) -> positional.RoPE:
+    """A :class:`~attention_jax.positional.RoPE` from Hugging Face RoPE parameters (default, linear, llama3, yarn).
+
+    ``max_position``: the config's ``max_position_embeddings`` (YaRN's fallback for missing fields).
+    """
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", 10_000.0))
     if params.get("partial_rotary_factor", 1.0) != 1.0:
@@ -224,7 +228,32 @@ def rope_from_hf(params: Mapping[str, Any]) -> positional.RoPE:
             original_max_position=int(params["original_max_position_embeddings"]),
         )
         return positional.RoPE(theta=theta, scaling=scaling)
-    raise ValueError(f"rope_type must be 'default', 'linear' or 'llama3' for this loader, got rope_type={kind!r}.")
+    if kind == "yarn":
+        return positional.RoPE(theta=theta, scaling=_yarn(params, max_position))
+    raise ValueError(
+        f"rope_type must be 'default', 'linear', 'llama3' or 'yarn' for this loader, got rope_type={kind!r}."
+    )
+
+
+def _yarn(params: Mapping[str, Any], max_position: int | None) -> positional.YaRNScaling:
+    """transformers' YaRN parameters (``mscale``/``mscale_all_dim`` folded into the attention factor)."""
+    if not params.get("truncate", True):
+        raise ValueError("YaRN with truncate=False (an unrounded correction range) is not supported by this loader.")
+    original = params.get("original_max_position_embeddings") or max_position
+    if original is None:
+        raise ValueError("YaRN RoPE needs original_max_position_embeddings (or max_position_embeddings).")
+    factor = params.get("factor") or max_position / original
+
+    def mscale(scale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None and params.get("mscale") and params.get("mscale_all_dim"):
+        attention_factor = mscale(params["mscale"]) / mscale(params["mscale_all_dim"])
+    return positional.YaRNScaling(
+        factor=float(factor), original_max_position=int(original), beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1), attention_factor=attention_factor,
+    )  # fmt: skip
 
 
 def rope_to_hf(rope: positional.RoPE) -> dict[str, Any]:
@@ -238,6 +267,12 @@ def rope_to_hf(rope: positional.RoPE) -> dict[str, Any]:
         return dict(
             rope_type="llama3", rope_theta=rope.theta, factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
             high_freq_factor=scaling.high_freq_factor, original_max_position_embeddings=scaling.original_max_position,
+        )  # fmt: skip
+    if isinstance(scaling, positional.YaRNScaling):
+        return dict(
+            rope_type="yarn", rope_theta=rope.theta, factor=scaling.factor, beta_fast=scaling.beta_fast,
+            beta_slow=scaling.beta_slow, original_max_position_embeddings=scaling.original_max_position,
+            attention_factor=scaling.attention_factor,
         )  # fmt: skip
     raise ValueError(f"cannot export RoPE scaling {type(scaling).__name__} to a Hugging Face config.")
 
