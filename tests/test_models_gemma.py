@@ -94,3 +94,18 @@ def test_bad_config():
         gemma.GemmaConfig.from_hf(dict(base, sliding_window=1))
     with pytest.raises(ValueError, match="layer_types"):
         gemma.GemmaConfig(8, 8, 8, 2, 1, layer_types=("full_attention",))
+
+
+def test_transformers4_gemma3_config():
+    """Gemma 3's transformers 4 fields (rope_local_base_freq, sliding_window_pattern) read as the 5 layout does."""
+    v5 = gemma.GemmaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=7, num_heads=2, head_dim=16, qk_norm=True,
+        attn_softcap=None, final_softcap=None, model_type="gemma3_text", sliding_window=511,
+        layer_types=("sliding_attention",) * 5 + ("full_attention", "sliding_attention"),
+        rope=aj.positional.RoPE(theta=1e6, scaling=aj.positional.LinearScaling(8.0)),
+        local_rope=aj.positional.RoPE(theta=1e4),
+    )  # fmt: skip
+    v4 = {k: v for k, v in v5.to_hf().items() if k not in ("rope_parameters", "layer_types")}
+    v4.update(rope_theta=1e6, rope_scaling=dict(rope_type="linear", factor=8.0), rope_local_base_freq=1e4,
+              sliding_window_pattern=6)  # fmt: skip
+    assert gemma.GemmaConfig.from_hf(v4) == v5

@@ -192,3 +192,20 @@ def test_sharded_bfloat16_checkpoint(tmp_path):
     logits = half(jnp.asarray(tokens, jnp.int32))
     assert logits.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(logits, np.float32), expected, atol=0.1 * np.abs(expected).max())
+
+
+def test_transformers4_config_fields():
+    """transformers 4 configs (rope_theta + rope_scaling; Qwen2's use_sliding_window) read as the 5 layout does."""
+    v5 = llama.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=2,
+        rope=aj.positional.RoPE(theta=5e5, scaling=aj.positional.Llama3Scaling(original_max_position=16)),
+    )  # fmt: skip
+    v4 = {k: v for k, v in v5.to_hf().items() if k != "rope_parameters"}
+    v4.update(rope_theta=5e5, rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                  original_max_position_embeddings=16))  # fmt: skip
+    assert llama.LlamaConfig.from_hf(v4) == v5
+    qwen2 = dict(v4, model_type="qwen2", rope_scaling=None, use_sliding_window=True, sliding_window=8,
+                 max_window_layers=2)  # fmt: skip
+    config = llama.LlamaConfig.from_hf(qwen2)
+    assert [config.window(i) for i in range(4)] == [None, None, 7, 7] and config.qkv_bias and not config.out_bias
+    assert llama.LlamaConfig.from_hf(dict(qwen2, use_sliding_window=False)).sliding_window is None
