@@ -6,7 +6,8 @@ feed-forward (tanh GELU), an embedding scaled by ``sqrt(D)``, a tied head, a sco
 
 - Gemma 2: local and global layers alternate; scores are soft-capped (``attn_logit_softcapping``)
   and so are the final logits (``final_logit_softcapping``).
-- Gemma 3: five local layers per global one; a ``(1 + w)`` RMSNorm per query and key head before
+- Gemma 3: five local layers per global one (``from_pretrained`` also reads the language model of a
+  multimodal checkpoint, ``Gemma3ForConditionalGeneration``); a ``(1 + w)`` RMSNorm per query and key head before
   RoPE; local layers have their own RoPE base (10k) while global ones may scale theirs. As in
   transformers, Gemma 3 applies no attention softcap.
 
@@ -134,12 +135,10 @@ class GemmaConfig:
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> GemmaConfig:
         """From a Hugging Face ``config.json`` dict of a Gemma 2 or Gemma 3 (text) model, transformers 4 or 5."""
+        if "text_config" in config:  # a multimodal Gemma 3: its language model
+            config = dict(config["text_config"])
+            config.setdefault("model_type", "gemma3_text")
         model_type = config.get("model_type")
-        if model_type == "gemma3" or "text_config" in config:
-            raise ValueError(
-                "GemmaConfig.from_hf reads text-only Gemma 3 checkpoints (model_type 'gemma3_text', "
-                f"Gemma3ForCausalLM); got model_type={model_type!r} (a multimodal checkpoint)."
-            )
         if model_type not in MODEL_TYPES:
             raise ValueError(f"GemmaConfig.from_hf: model_type must be one of {MODEL_TYPES}, got {model_type!r}.")
         if config.get("use_bidirectional_attention"):
@@ -279,9 +278,26 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> ajnn.Transfor
     """
     config = GemmaConfig.from_hf(read_config(path))
     model = build(config, dtype=dtype, rngs=nnx.Rngs(0))
-    weights = read_weights(path)
-    load(entries(model, config), weights)
+    load(entries(model, config), text_weights(read_weights(path)))
     return model
+
+
+# Where a multimodal Gemma 3 checkpoint keeps its language model (transformers 4 names, and 5's own).
+TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                 ("model.language_model.", "model."))  # fmt: skip
+
+
+def text_weights(weights: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The language model's tensors under text-model names (a multimodal checkpoint's others are dropped)."""
+    if "model.embed_tokens.weight" in weights:
+        return weights
+    renamed = {}
+    for name, value in weights.items():
+        for old, new in TEXT_PREFIXES:
+            if name.startswith(old):
+                renamed[new + name[len(old):]] = value
+                break
+    return renamed
 
 
 def to_pretrained(model: ajnn.TransformerLM, config: GemmaConfig, path: str | Path) -> None:
