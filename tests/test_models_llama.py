@@ -135,11 +135,13 @@ def test_qwen2_qkv_bias_tied(tmp_path):
 
 
 def test_qwen3_qk_norm_yarn(tmp_path):
-    # YaRN with a small original context, so that the ramp between interpolated and kept frequencies is inside H.
-    yarn = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=16)
+    # YaRN with a small original context, so that the ramp between interpolated and kept frequencies is inside H;
+    # unrounded ramp ends (truncate=False, as gpt-oss): our default rounding would miss the logits.
+    yarn = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=64, truncate=False)
     hf = save_tiny(tmp_path, "Qwen3Config", "Qwen3ForCausalLM", head_dim=16, rope_parameters=yarn)
     model, config, entries_of = load(tmp_path)
     assert config.qk_norm and config.head_dim == 16 and isinstance(config.rope.scaling, aj.positional.YaRNScaling)
+    assert config.rope.scaling.truncate is False
     check_logits_and_grads(model, hf, entries_of)
     check_generate(model, hf, ["dense"])
 

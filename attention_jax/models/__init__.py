@@ -1,5 +1,37 @@
 """Published architectures built from :mod:`attention_jax.nn`, and loaders for local Hugging Face checkpoints.
 
-Each architecture is a config dataclass plus a model assembled from the library's stacks; its
-``from_pretrained(path)`` reads a checkpoint directory (``config.json`` + safetensors) without torch.
+Each architecture is a config dataclass plus a model assembled from the library's stacks (a
+configuration, not a fork); its module's ``from_pretrained(path)`` reads a checkpoint directory
+(``config.json`` + single or sharded safetensors) without torch, and ``to_pretrained`` writes one back.
+
+- :mod:`~attention_jax.models.llama`: Llama 3, Mistral, Qwen2, Qwen3.
+- :mod:`~attention_jax.models.gemma`: Gemma 2 and Gemma 3.
+- :mod:`~attention_jax.models.gpt2`: GPT-2.
+- :mod:`~attention_jax.models.bert`: BERT (encoder, pooler).
+- :mod:`~attention_jax.models.t5`: T5 (encoder-decoder; generate with ``model_inputs``).
+
+Hugging Face's ``sliding_window=W`` counts the query among its W keys; ours counts the keys before it,
+so the loaders convert ``W`` to ``W - 1``.
 """
+
+from attention_jax.models import bert, gemma, gpt2, llama, t5
+from attention_jax.models.bert import BertConfig, BertModel
+from attention_jax.models.gemma import GemmaConfig
+from attention_jax.models.gpt2 import GPT2Config
+from attention_jax.models.llama import LlamaConfig
+from attention_jax.models.t5 import T5Config, T5Model
+
+__all__ = [
+    "BertConfig",
+    "BertModel",
+    "GPT2Config",
+    "GemmaConfig",
+    "LlamaConfig",
+    "T5Config",
+    "T5Model",
+    "bert",
+    "gemma",
+    "gpt2",
+    "llama",
+    "t5",
+]

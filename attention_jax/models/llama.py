@@ -237,8 +237,6 @@ def rope_from_hf(params: Mapping[str, Any], max_position: int | None = None) -> 
 
 def _yarn(params: Mapping[str, Any], max_position: int | None) -> positional.YaRNScaling:
     """transformers' YaRN parameters (``mscale``/``mscale_all_dim`` folded into the attention factor)."""
-    if not params.get("truncate", True):
-        raise ValueError("YaRN with truncate=False (an unrounded correction range) is not supported by this loader.")
     original = params.get("original_max_position_embeddings") or max_position
     if original is None:
         raise ValueError("YaRN RoPE needs original_max_position_embeddings (or max_position_embeddings).")
@@ -253,6 +251,7 @@ def _yarn(params: Mapping[str, Any], max_position: int | None) -> positional.YaR
     return positional.YaRNScaling(
         factor=float(factor), original_max_position=int(original), beta_fast=float(params.get("beta_fast") or 32),
         beta_slow=float(params.get("beta_slow") or 1), attention_factor=attention_factor,
+        truncate=bool(params.get("truncate", True)),
     )  # fmt: skip
 
 
@@ -272,7 +271,7 @@ def rope_to_hf(rope: positional.RoPE) -> dict[str, Any]:
         return dict(
             rope_type="yarn", rope_theta=rope.theta, factor=scaling.factor, beta_fast=scaling.beta_fast,
             beta_slow=scaling.beta_slow, original_max_position_embeddings=scaling.original_max_position,
-            attention_factor=scaling.attention_factor,
+            attention_factor=scaling.attention_factor, truncate=scaling.truncate,
         )  # fmt: skip
     raise ValueError(f"cannot export RoPE scaling {type(scaling).__name__} to a Hugging Face config.")
 
