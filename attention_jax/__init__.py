@@ -8,8 +8,8 @@
 
 Submodules: ``masks``, ``score_mods``, ``positional``, ``functional`` (every variant as a pure
 function), ``nn`` (Flax NNX modules), ``cache`` (KV caches), ``sparse_patterns`` (Longformer,
-BigBird, Sparse Transformer masks), ``explain`` (attention maps; imported on first use of
-``aj.explain``).
+BigBird, Sparse Transformer masks), ``explain`` (attention maps) and ``models`` (Llama, Mistral,
+Qwen, Gemma, GPT-2, BERT, T5 from Hugging Face checkpoints), both imported on first use.
 """
 
 from attention_jax import cache, functional, masks, nn, positional, score_mods, sparse_patterns
@@ -36,9 +36,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # explain is loaded on first use (``aj.explain.capture``): a plain ``import attention_jax`` stays lean.
-    if name == "explain":
+    # explain and models are loaded on first use (``aj.explain.capture``, ``aj.models.llama``): a plain
+    # ``import attention_jax`` stays lean.
+    if name in ("explain", "models"):
         import importlib
 
-        return importlib.import_module("attention_jax.explain")
+        return importlib.import_module(f"attention_jax.{name}")
     raise AttributeError(f"module 'attention_jax' has no attribute {name!r}")
