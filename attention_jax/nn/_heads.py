@@ -88,12 +88,3 @@ class ProjectedHeads(nnx.Module):
         """``[B, T, N, Hv] -> [B, T, out_features]``."""
         return self.out(y)
 
-
-class HeadProjections(ProjectedHeads):
-    """The projections as a child module (``layer.heads``); being replaced by subclassing ``ProjectedHeads``."""
-
-    def __init__(self, in_features: int, num_heads: int, *, rngs: nnx.Rngs, **options):
-        self.init_projections(in_features, num_heads, rngs=rngs, **options)
-
-    def __call__(self, x: Array) -> tuple[Array, Array, Array]:
-        return self.project(x)
