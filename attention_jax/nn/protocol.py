@@ -53,7 +53,11 @@ class AttentionLayer(Protocol):
     - ``segment_ids [B, T]`` int: packed documents. A token sees only tokens of its own segment, and
       the default positions restart at each segment, so a packed row gives the same outputs as its
       documents run one by one. Recurrent layers reset their state at a segment boundary. A layer
-      that mixes the whole sequence (Linformer, Nystromformer) raises ``ValueError``.
+      that mixes the whole sequence (Linformer, Nystromformer) raises ``ValueError``. Structural
+      masks are evaluated at positions in the packed row: translation-invariant ones (causal,
+      sliding windows, strided) give each document exactly its own result; patterns tied to
+      absolute positions (global tokens, BigBird's blocks) keep documents isolated but place their
+      global tokens in the packed row.
     - ``lengths [B]``: right padding, the real tokens per row. Padded keys are ignored (outputs at
       padded queries are unspecified), and with a cache only the real tokens are appended.
     - ``cache``: from :meth:`init_cache`; the call then returns ``(y, new_cache)``. Prefill a prompt
