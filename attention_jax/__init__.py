@@ -38,7 +38,7 @@ __all__ = [
 def __getattr__(name: str):
     # explain and models are loaded on first use (``aj.explain.capture``, ``aj.models.llama``): a plain
     # ``import attention_jax`` stays lean.
-    if name in ("explain", "models"):
+    if name in ("checkpoint", "explain", "models"):
         import importlib
 
         return importlib.import_module(f"attention_jax.{name}")
