@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx, serialization
+from flax import nnx
 
 import attention_jax as aj
 from attention_jax.functional.differential import lambda_init
@@ -170,14 +170,14 @@ def test_optax_steps_reduce_the_loss_and_checkpoint_roundtrips(tmp_path):
 
     model.eval()
     eval_logits = nnx.jit(lambda m, t: m(t))(model, tokens)
-    path = tmp_path / "params.msgpack"
-    path.write_bytes(serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
-    restored = _lm(1, dropout_rate=0.1)
+    aj.checkpoint.save(tmp_path, model, optimizer, step=8)
+    restored = aj.nn.TransformerLM(V, D, 1, num_heads=2, dropout_rate=0.1, rngs=nnx.Rngs(1))  # other weights
+    restored_optimizer = nnx.Optimizer(restored, optax.adam(1e-2), wrt=nnx.Param)
+    assert aj.checkpoint.restore(tmp_path, restored, restored_optimizer) == 8
     restored.eval()
-    state = nnx.state(restored, nnx.Param)
-    nnx.replace_by_pure_dict(state, serialization.msgpack_restore(path.read_bytes()))
-    nnx.update(restored, state)
     np.testing.assert_array_equal(nnx.jit(lambda m, t: m(t))(restored, tokens), eval_logits)
+    assert int(restored_optimizer.step[...]) == 8
+    chex.assert_trees_all_equal(nnx.state(restored_optimizer), nnx.state(optimizer))  # Adam moments and counts
 
 
 def test_bad_inputs():
