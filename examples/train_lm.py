@@ -10,7 +10,7 @@ Batches are generated on the fly inside the jitted step. Training uses optax Ada
 cosine decay, shows a tqdm progress bar, evaluates periodically on fixed held-out batches, and writes a
 checkpoint it can resume from. At the end it prints the accuracy and writes, under ``--out-dir``
 (default ``outputs/``), ``train_lm/<variant>/``: ``loss.png``, ``attention.png`` (every head of the last layer
-on one example), ``metrics.json`` and ``checkpoint.npz``.
+on one example), ``metrics.json`` and ``checkpoint/`` (the model and optimizer, through ``aj.checkpoint``).
 
     python examples/train_lm.py                               # MHA, about two minutes on 2 CPU cores
     python examples/train_lm.py --variant gqa --resume        # pick up where the last run stopped
@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -211,69 +211,75 @@ def loss_and_accuracy(logits, targets, weights):
 
 
 class Trainer:
-    """Holds the model split into its graph and state, the optimizer state, and the jitted steps."""
+    """Holds the model and its optimizer as one graph and one state, and the jitted steps that map the state."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         model = build_model(cfg)
-        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-        self.tx = make_optimizer(cfg)
-        self.opt_state = self.tx.init(self.params)
+        optimizer = nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
+        # The steps take and return the whole state as arrays (donated: updated in place), so jit sees plain
+        # pytrees; nnx.merge rebuilds the modules inside the trace at no run-time cost.
+        self.graphdef, self.state = nnx.split((model, optimizer))
         self.step, self.stage = 0, 0  # stage: index into cfg.curriculum()
         self.history: dict[str, list] = {"step": [], "loss": [], "accuracy": [], "pairs": [], "eval_step": [],
                                          "eval_accuracy": []}
         data_key, eval_key = jax.random.split(jax.random.key(cfg.seed + 1))
         self.data_key = data_key
         self.eval_data = [make_batch(k, cfg, 256) for k in jax.random.split(eval_key, cfg.eval_batches)]
-        self.train_step = jax.jit(self._train_step, static_argnums=3, donate_argnums=(0, 1))
+        self.train_step = jax.jit(self._train_step, static_argnums=2, donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step)
 
     @property
     def num_params(self) -> int:
-        return sum(x.size for x in jax.tree.leaves(self.params))
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self.model(), nnx.Param)))
 
-    def model(self, params=None) -> ajnn.TransformerLM:
-        return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
+    def modules(self) -> tuple[ajnn.TransformerLM, nnx.Optimizer]:
+        """The model and its optimizer, rebuilt from the current state."""
+        return nnx.merge(self.graphdef, self.state)
 
-    def _train_step(self, params, opt_state, step, num_pairs):
+    def model(self) -> ajnn.TransformerLM:
+        return self.modules()[0]
+
+    def _train_step(self, state, step, num_pairs):
+        model, optimizer = nnx.merge(self.graphdef, state)
         key = jax.random.fold_in(self.data_key, step)
         tokens, targets, weights = make_batch(key, self.cfg, self.cfg.batch_size, num_pairs)
 
-        def loss_fn(params):
-            logits = nnx.merge(self.graphdef, params, self.rest)(tokens)  # [B, T, V]
-            return loss_and_accuracy(logits, targets, weights)
+        def loss_fn(model):
+            return loss_and_accuracy(model(tokens), targets, weights)  # logits [B, T, V]
 
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, accuracy
+        (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss, accuracy
 
-    def _eval_step(self, params, tokens, targets, weights):
-        return loss_and_accuracy(nnx.merge(self.graphdef, params, self.rest)(tokens), targets, weights)[1]
+    def _eval_step(self, state, tokens, targets, weights):
+        model, _ = nnx.merge(self.graphdef, state)
+        return loss_and_accuracy(model(tokens), targets, weights)[1]
 
     def evaluate(self) -> float:
-        return float(np.mean([self.eval_step(self.params, *batch) for batch in self.eval_data]))
+        return float(np.mean([self.eval_step(self.state, *batch) for batch in self.eval_data]))
 
-    # Checkpoints: the parameters and optimizer state as numbered arrays, plus the step, the history and
-    # the model-defining config, written to a temporary file and renamed (a crash never leaves half a file).
-    def save(self, path: Path) -> None:
-        leaves = jax.tree.leaves((self.params, self.opt_state))
-        meta = dict(step=self.step, stage=self.stage, history=self.history, config=self.cfg.model_fields())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)})
-        os.replace(tmp, path)
+    # Checkpoints: the model and its optimizer through aj.checkpoint (orbax: one directory per saved step,
+    # written whole or not at all), with the curriculum stage, the history and the model-defining config as
+    # metadata. The last two saved steps are kept.
+    def save(self, directory: Path) -> None:
+        meta = dict(stage=self.stage, history=self.history, config=self.cfg.model_fields())
+        model, optimizer = self.modules()
+        aj.checkpoint.save(directory, model, optimizer, step=self.step, metadata=meta, overwrite=True, max_to_keep=2)
 
-    def restore(self, path: Path) -> None:
-        with np.load(path) as data:
-            meta = json.loads(str(data["meta"]))
-            if meta["config"] != self.cfg.model_fields():
-                changed = {k for k in meta["config"] if meta["config"][k] != self.cfg.model_fields().get(k)}
-                raise SystemExit(f"{path} was written by a different run (differs in {sorted(changed)}); "
-                                 "drop --resume or use another --out-dir.")
-            treedef = jax.tree.structure((self.params, self.opt_state))
-            leaves = [jnp.asarray(data[f"leaf_{i}"]) for i in range(treedef.num_leaves)]
-        self.params, self.opt_state = jax.tree.unflatten(treedef, leaves)
-        self.step, self.stage, self.history = meta["step"], meta["stage"], meta["history"]
+    def restore(self, directory: Path) -> None:
+        step = aj.checkpoint.latest_step(directory)
+        meta = aj.checkpoint.read_metadata(directory, step)
+        if meta.get("config") != self.cfg.model_fields():
+            saved = meta.get("config", {})
+            changed = {k for k in saved.keys() | self.cfg.model_fields().keys()
+                       if saved.get(k) != self.cfg.model_fields().get(k)}
+            raise SystemExit(f"{directory} was written by a different run (differs in {sorted(changed)}); "
+                             "drop --resume or use another --out-dir.")
+        model, optimizer = self.modules()
+        self.step = aj.checkpoint.restore(directory, model, optimizer, step=step)
+        self.state = nnx.state((model, optimizer))
+        self.stage, self.history = meta["stage"], meta["history"]
 
     def train(self, *, checkpoint: Path | None = None, progress: bool = True, target_accuracy: float = 1.1):
         """Train to ``cfg.steps`` (from ``self.step``); returns the median seconds per step after compiling."""
@@ -286,9 +292,7 @@ class Trainer:
         while self.step < cfg.steps:
             pairs = stages[self.stage]
             start = time.perf_counter()
-            self.params, self.opt_state, loss, accuracy = self.train_step(
-                self.params, self.opt_state, self.step, pairs
-            )
+            self.state, loss, accuracy = self.train_step(self.state, self.step, pairs)
             loss, accuracy = float(loss), float(accuracy)  # waits for the step: the time below is the step's
             times.append(time.perf_counter() - start)
             self.step += 1
@@ -363,16 +367,20 @@ def plot_example_attention(trainer: Trainer, path: Path) -> bool:
 
 def run_one(cfg: Config, out_dir: Path, *, resume: bool, target_accuracy: float) -> dict:
     run_dir = out_dir / "train_lm" / cfg.variant
-    checkpoint = run_dir / "checkpoint.npz"
+    checkpoint = run_dir / "checkpoint"
     trainer = Trainer(cfg)
     print(f"variant {cfg.variant} ({VARIANTS[cfg.variant][0]}), {trainer.num_params:,} parameters, "
           f"sequence length {cfg.seq_len()}, {cfg.steps} steps of {cfg.batch_size}; pairs {cfg.curriculum()}; "
           f"backend {jax.default_backend()}")
-    if resume and checkpoint.exists():
+    if resume and aj.checkpoint.latest_step(checkpoint) is not None:
         trainer.restore(checkpoint)
         print(f"resumed from {checkpoint} at step {trainer.step}")
-    elif resume:
-        print(f"no checkpoint at {checkpoint}: starting fresh")
+    else:
+        if resume:
+            print(f"no checkpoint at {checkpoint}: starting fresh")
+        if checkpoint.exists():  # a fresh run: the old run's steps must not be resumed later as if they were ours
+            print(f"removing the previous run's checkpoints in {checkpoint}")
+            shutil.rmtree(checkpoint)
     start = time.perf_counter()
     step_time = trainer.train(checkpoint=checkpoint, target_accuracy=target_accuracy)
     wall = time.perf_counter() - start
@@ -442,7 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--out-dir", type=Path, default=Path("outputs"))
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/train_lm/<variant>/checkpoint.npz")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest step in <out-dir>/train_lm/<variant>/checkpoint/")
     p.add_argument("--target-accuracy", type=float, default=1.1,
                    help="stop early once the eval accuracy reaches this (default: never)")
     p.add_argument("--compare", action="store_true", help="train each of --variants briefly and print a table")

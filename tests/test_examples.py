@@ -22,8 +22,9 @@ def run(script: str, *args: str, timeout: int = 300) -> str:
 def test_train_lm_tiny_then_resume(tmp_path):
     out = run("train_lm.py", "--tiny", "--out-dir", str(tmp_path))
     run_dir = tmp_path / "train_lm" / "mha"
-    for name in ("loss.png", "attention.png", "metrics.json", "checkpoint.npz"):
+    for name in ("loss.png", "attention.png", "metrics.json"):
         assert (run_dir / name).stat().st_size > 0, name
+    assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == ["15", "30"]  # aj.checkpoint's steps
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 30 and 0.0 <= metrics["accuracy"] <= 1.0 and metrics["final_loss"] < 10
     assert "held-out recall accuracy" in out
@@ -31,6 +32,12 @@ def test_train_lm_tiny_then_resume(tmp_path):
     out = run("train_lm.py", "--tiny", "--steps", "40", "--resume", "--out-dir", str(tmp_path))
     assert "resumed from" in out and "at step 30" in out
     assert json.loads((run_dir / "metrics.json").read_text())["step"] == 40
+    assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == ["30", "40"]  # the last two kept
+
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_lm.py"), "--tiny", "--num-heads", "2",
+                             "--resume", "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert result.returncode != 0 and "written by a different run (differs in ['num_heads'])" in result.stderr
 
 
 @pytest.mark.slow
