@@ -14,6 +14,15 @@ prefill and decode under one ``jax.lax`` loop); int8 may drift once two logits a
 
     python examples/generate.py
     python examples/generate.py --batch-size 1 --prompt-length 512 --new-tokens 256
+
+With ``--checkpoint DIR`` it generates instead from a Hugging Face checkpoint directory (``config.json`` +
+safetensors, e.g. downloaded weights) of any architecture ``attention_jax.models.auto`` loads: Llama 3,
+Mistral, Qwen2/3, Gemma 2/3, GPT-2, T5 (the prompt goes to the encoder), DeepSeek-V3, gpt-oss. The prompt is
+``--prompt-ids`` (token ids), or ``--prompt TEXT`` when ``DIR`` holds a tokenizer and ``transformers`` is
+installed (then the output is decoded too):
+
+    python examples/generate.py --checkpoint ~/models/Qwen3-0.6B --prompt "The capital of France is"
+    python examples/generate.py --checkpoint ~/models/Llama-3.2-1B --prompt-ids 128000,791,6864 --new-tokens 16
 """
 
 from __future__ import annotations
@@ -80,6 +89,94 @@ def cache_bytes(model, args, kind: str, quantized: bool) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(caches))
 
 
+# --- --checkpoint: generation from a Hugging Face checkpoint directory ------------------------------
+
+
+def load_tokenizer(directory: Path):
+    """The checkpoint's tokenizer through ``transformers``, or None (no tokenizer files, or no transformers)."""
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                          "spiece.model", "tokenizer.model")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def prompt_ids(args, tokenizer, config: dict) -> list[int]:
+    """The prompt's token ids: ``--prompt-ids``, ``--prompt`` through the tokenizer, or the BOS token alone."""
+    if args.prompt_ids is not None and args.prompt is not None:
+        raise SystemExit("give either --prompt or --prompt-ids, not both.")
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise SystemExit(f"--prompt needs a tokenizer: {args.checkpoint} has no tokenizer files (tokenizer.json, "
+                             "tokenizer_config.json, ...) or the transformers package is not installed. Pass token "
+                             "ids instead, e.g. --prompt-ids 1,2,3.")
+        return list(tokenizer(args.prompt)["input_ids"])
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise SystemExit(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}.") from None
+        if not ids:
+            raise SystemExit("--prompt-ids is empty.")
+        return ids
+    bos = config.get("bos_token_id")
+    if isinstance(bos, int):
+        print(f"no --prompt or --prompt-ids: starting from the BOS token ({bos})")
+        return [bos]
+    raise SystemExit("give a prompt: --prompt-ids 1,2,3 (token ids), or --prompt TEXT if the checkpoint directory "
+                     "holds a tokenizer and transformers is installed.")
+
+
+def generate_from_checkpoint(args) -> list[int]:
+    """Load ``--checkpoint``, generate ``--new-tokens`` after the prompt; print (and return) the new token ids."""
+    from attention_jax.models import auto, t5
+    from attention_jax.models._loading import read_config
+
+    directory = Path(args.checkpoint)
+    config = read_config(directory)
+    tokenizer = load_tokenizer(directory)
+    ids = prompt_ids(args, tokenizer, config)
+    start = time.perf_counter()
+    model = auto.from_pretrained(directory, dtype=jnp.dtype(args.dtype))
+    load = time.perf_counter() - start
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if vocab is not None and not all(0 <= i < vocab for i in ids):
+        raise SystemExit(f"prompt token ids must lie in [0, {vocab}) (the vocabulary), got {ids}.")
+    prompt = jnp.asarray([ids], jnp.int32)  # [1, T]
+    options = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   rng=jax.random.key(args.seed), cache_kind=args.cache)  # fmt: skip
+    start = time.perf_counter()
+    if isinstance(model, t5.T5Model):  # encoder-decoder: the prompt is the encoder's input
+        context = model.encode(prompt)  # [1, S, D]
+        first = jnp.full((1, 1), config.get("decoder_start_token_id", 0), jnp.int32)
+        tokens = aj.generate(model, first, model_inputs={"context": context}, **options)
+    elif isinstance(model, ajnn.TransformerLM):
+        tokens = aj.generate(model, prompt, **options)
+    else:
+        raise SystemExit(f"{directory} holds a {config['model_type']} model ({type(model).__name__}): an encoder, "
+                         "which has nothing to generate. Language models and T5 generate.")
+    new = np.asarray(tokens[0]).tolist()
+    seconds = time.perf_counter() - start
+    eos = config.get("eos_token_id")
+    eos = set(eos) if isinstance(eos, list) else {eos} if isinstance(eos, int) else set()
+    stop = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))  # cut after the first end-of-sequence
+    new = new[:stop]
+    print(f"{config['model_type']} ({type(model).__name__}) from {directory}, loaded in {load:.1f} s; "
+          f"{len(new)} new tokens in {seconds:.1f} s (compilation included), backend {jax.default_backend()}")
+    print(f"prompt ids: {ids}")
+    print(f"new ids:    {new}")
+    if tokenizer is not None:
+        print(f"text: {tokenizer.decode(ids)!r} -> {tokenizer.decode(new)!r}")
+    out_dir = args.out_dir / "generate"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "checkpoint.json").write_text(json.dumps(dict(checkpoint=str(directory), prompt_ids=ids,
+                                                             new_ids=new), indent=2))  # fmt: skip
+    return new
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=4)
@@ -95,7 +192,19 @@ def main(argv=None) -> None:
     p.add_argument("--kinds", default=None, help="comma-separated subset, e.g. dense,paged-int8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path("outputs"))
+    hf = p.add_argument_group("a Hugging Face checkpoint (with --checkpoint, --new-tokens, --seed and --out-dir "
+                              "apply; the options describing the random model do not)")
+    hf.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (config.json + safetensors)")
+    hf.add_argument("--prompt-ids", default=None, help="comma-separated prompt token ids, e.g. 1,2,3")
+    hf.add_argument("--prompt", default=None, help="prompt text (needs a tokenizer in DIR and transformers)")
+    hf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    hf.add_argument("--cache", default="dense", choices=["dense", "rolling", "paged"], help="KV-cache kind")
+    hf.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    hf.add_argument("--top-p", type=float, default=None)
     args = p.parse_args(argv)
+    if args.checkpoint is not None:
+        generate_from_checkpoint(args)
+        return
 
     model = build_model(args)
     prompt = jax.random.randint(jax.random.key(args.seed), (args.batch_size, args.prompt_length), 0, args.vocab_size)

@@ -80,6 +80,36 @@ def test_generate_every_cache_kind(tmp_path):
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows.values())
 
 
+def test_generate_from_a_checkpoint(tmp_path):
+    """--checkpoint DIR: a saved Hugging Face checkpoint generates what aj.generate gives for the same weights."""
+    import importlib.util
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import attention_jax as aj
+
+    config = aj.models.llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                                         num_heads=2, num_kv_heads=1, head_dim=8)  # fmt: skip
+    model = aj.models.llama.build(config, rngs=nnx.Rngs(4))
+    aj.models.llama.to_pretrained(model, config, tmp_path / "llama")
+    out = run("generate.py", "--checkpoint", str(tmp_path / "llama"), "--prompt-ids", "3,1,4,1,5", "--new-tokens",
+              "4", "--out-dir", str(tmp_path))  # fmt: skip
+    written = json.loads((tmp_path / "generate" / "checkpoint.json").read_text())
+    expected = aj.generate(model, jnp.asarray([[3, 1, 4, 1, 5]]), max_new_tokens=4)
+    assert written["prompt_ids"] == [3, 1, 4, 1, 5] and written["new_ids"] == expected[0].tolist()
+    assert f"new ids:    {written['new_ids']}" in out
+
+    spec = importlib.util.spec_from_file_location("generate_example", ROOT / "examples" / "generate.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.argparse.Namespace(checkpoint=tmp_path / "llama", prompt="Hello", prompt_ids=None)
+    with pytest.raises(SystemExit, match="--prompt needs a tokenizer: .* Pass token ids instead"):
+        example.prompt_ids(args, example.load_tokenizer(tmp_path / "llama"), config.to_hf())
+    with pytest.raises(SystemExit, match="give a prompt: --prompt-ids"):
+        example.prompt_ids(example.argparse.Namespace(prompt=None, prompt_ids=None), None, config.to_hf())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_train_lm_default_learns_recall(tmp_path):
