@@ -140,6 +140,29 @@ def test_vision_transformer_trains_on_cpu_and_takes_any_attention():
     chex.assert_shape(nnx.jit(lambda m, x: m(x))(linear_vit, images[:2]), (2, 2))
 
 
+def test_vision_transformer_takes_block_options():
+    """The block options reach every layer (Hugging Face's ViT layout); the defaults stay the original ViT's."""
+    hf_layout = dict(mlp="gelu_exact", mlp_bias=True, norm_epsilon=1e-12, qkv_bias=True, out_bias=True)
+    vit = functools.partial(VisionTransformer, image_size=8, patch_size=4, in_channels=1, features=8)
+    abstract = lambda **kw: nnx.eval_shape(lambda: vit(**kw, rngs=nnx.Rngs(0)))  # structure only: no init
+    backbone = abstract(num_classes=None, depth=2, num_heads=2, mlp_features=12, **hf_layout)
+    assert backbone.head is None
+    for block in backbone.encoder.blocks:
+        attn, mlp = block.attention, block.mlp
+        assert attn.num_heads == 2 and attn.query.bias is not None and attn.out.bias is not None
+        assert mlp.kind == "gelu_exact" and mlp.up.bias is not None and mlp.up.kernel.shape == (8, 12)
+        assert block.attention_norm.epsilon == block.mlp_norm.epsilon == 1e-12
+    assert backbone.encoder.final_norm.epsilon == 1e-12
+    block = abstract(num_classes=2, depth=1).encoder.blocks[0]
+    assert block.attention.num_heads == 4 and block.attention.query.bias is None and block.attention.out.bias is None
+    assert block.mlp.kind == "gelu" and block.mlp.up.bias is None and block.mlp.up.kernel.shape == (8, 32)
+    assert isinstance(block.mlp_norm, nnx.LayerNorm) and block.mlp_norm.epsilon == 1e-6
+    with pytest.raises(ValueError, match="qkv_bias"):
+        vit(num_classes=2, attention=functools.partial(LinearAttention, num_heads=2), qkv_bias=True, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        vit(num_classes=2, mlp_size=8, rngs=nnx.Rngs(0))
+
+
 def test_bad_configurations_raise():
     x = randn(0, 1, 4, 4, 8)
     with pytest.raises(ValueError, match="odd"):
