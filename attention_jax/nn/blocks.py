@@ -61,6 +61,9 @@ class BlockConfig:
         use the tanh approximation, ``"gelu_exact"`` and ``"geglu_exact"`` the erf form.
       mlp_features: hidden width, default ``4 * features`` (``8/3`` of it, rounded up, for gated kinds).
       mlp_bias: biases in the feed-forward projections (GPT-2, BERT, ViT).
+      feed_forward: a factory ``factory(features, rngs=rngs)`` building the feed-forward module
+        ``[B, T, D] -> [B, T, D]`` in place of :class:`FeedForward` (e.g. gpt-oss's mixture of
+        experts); ``mlp``, ``mlp_features`` and ``mlp_bias`` then go unused. None: ``FeedForward``.
       norm: ``"rms"``, ``"layer"`` or ``"rms_offset"`` (``(1 + w)`` scale, Gemma); ``norm_epsilon``
         its epsilon.
       norm_position: ``"pre"`` (``x + f(norm(x))``, default), ``"post"`` (``norm(x + f(x))``, BERT)
@@ -84,6 +87,7 @@ class BlockConfig:
     mlp: str = "swiglu"
     mlp_features: int | None = None
     mlp_bias: bool = False
+    feed_forward: Callable[..., nnx.Module] | None = None
     norm: str = "rms"
     norm_epsilon: float = 1e-6
     norm_position: str = "pre"
@@ -96,6 +100,9 @@ class BlockConfig:
     def __post_init__(self):
         if self.mlp not in ACTIVATIONS:
             raise ValueError(f"mlp must be one of {tuple(ACTIVATIONS)}, got mlp={self.mlp!r}.")
+        if self.feed_forward is not None and not callable(self.feed_forward):
+            raise TypeError(f"feed_forward must be a factory called as factory(features, rngs=rngs), "
+                            f"got feed_forward={self.feed_forward!r}.")  # fmt: skip
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {tuple(NORMS)}, got norm={self.norm!r}.")
         if self.norm_position not in NORM_POSITIONS:
@@ -237,10 +244,13 @@ class TransformerBlock(nnx.Module):
         else:
             self.cross_norm, self.cross_attention = nnx.data(None), nnx.data(None)
         self.mlp_norm = make_norm(config.norm, features, **norm_args)
-        self.mlp = FeedForward(
-            features, config.hidden_features(features), kind=config.mlp, use_bias=config.mlp_bias, dtype=config.dtype,
-            param_dtype=config.param_dtype, rngs=rngs,
-        )  # fmt: skip
+        if config.feed_forward is not None:
+            self.mlp = config.feed_forward(features, rngs=rngs)
+        else:
+            self.mlp = FeedForward(
+                features, config.hidden_features(features), kind=config.mlp, use_bias=config.mlp_bias,
+                dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs,
+            )  # fmt: skip
         sandwich = config.norm_position == "sandwich"  # the outputs of each branch are normalised too
         self.post_attention_norm = make_norm(config.norm, features, **norm_args) if sandwich else nnx.data(None)
         cross_sandwich = sandwich and cross_attention is not None
