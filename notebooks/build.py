@@ -496,6 +496,39 @@ _, lm_weights = explain.capture(lm, tokens)
 words = [f"t{i}" for i in range(12)]
 explain.plot_attention(lm_weights[list(lm_weights)[-1]][0, 0], x_labels=words, y_labels=words,
                        title="last layer, head 0 (untrained)")"""),
+    md("""\
+## Load a model and look at its attention maps
+
+`attention_jax.models` builds published architectures (Llama 3, Mistral, Qwen, Gemma, GPT-2, T5, ...) from
+`aj.nn` pieces and reads Hugging Face checkpoint directories (`config.json` + safetensors, no torch);
+`models.auto.from_pretrained(path)` picks the architecture from the directory's `model_type`. With downloaded
+weights, point it at their directory. To stay offline, we write one here: a tiny random Qwen2-style model
+(grouped-query attention, 4 query heads sharing 2 key-value heads; the second layer slides over a window)
+saved with `to_pretrained`, then loaded back like any checkpoint."""),
+    code("""\
+import tempfile
+
+from attention_jax.models import auto, llama
+
+config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                           num_kv_heads=2, model_type="qwen2", qkv_bias=True, sliding_window=3,
+                           layer_types=("full_attention", "sliding_attention"))
+checkpoint = tempfile.mkdtemp()
+llama.to_pretrained(llama.build(config, rngs=nnx.Rngs(1)), config, checkpoint)
+print(sorted(os.listdir(checkpoint)))
+
+loaded = auto.from_pretrained(checkpoint)  # config.json says qwen2: models.llama reads it
+tokens = jnp.arange(1, 13)[None]           # [1, T]: with real weights, the checkpoint's tokenizer gives these
+_, loaded_weights = explain.capture(loaded, tokens)
+print({path: w.shape for path, w in loaded_weights.items()})"""),
+    md("""\
+Every head of both layers. The weights are random, so the maps show only the structure the configuration
+imposes: the first layer is causal, the second sees each query and the 3 tokens before it (Hugging Face's
+`sliding_window=4`, which counts the query; the loader converts). Heads 0 and 1 share one key-value head,
+as do heads 2 and 3."""),
+    code("""\
+for path, w in loaded_weights.items():
+    explain.plot_heads(w[0], x_labels=words, y_labels=words, ncols=4, title=f"{path} (rows: queries, columns: keys)")"""),
 ]
 
 
