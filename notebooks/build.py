@@ -528,7 +528,8 @@ imposes: the first layer is causal, the second sees each query and the 3 tokens 
 as do heads 2 and 3."""),
     code("""\
 for path, w in loaded_weights.items():
-    explain.plot_heads(w[0], x_labels=words, y_labels=words, ncols=4, title=f"{path} (rows: queries, columns: keys)")"""),
+    explain.plot_heads(w[0], x_labels=words, y_labels=words, ncols=4,
+                       title=f"{path} (rows: queries, columns: keys)")"""),
 ]
 
 
