@@ -8,11 +8,14 @@ bfloat16 tensors come back as ``ml_dtypes.bfloat16`` numpy arrays (what JAX uses
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -69,3 +72,33 @@ def write_weights(path: str | Path, weights: Mapping[str, np.ndarray], config: M
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(dict(config), indent=2))
     save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path / SINGLE))
+
+
+def unfilled(make: Callable[[], nnx.Module]) -> nnx.Module:
+    """``make()`` with abstract parameters, to be filled from a checkpoint, and its other state (dropout streams).
+
+    Nothing is initialised at random: compiling the initialisers would cost seconds per parameter shape
+    (and memory for a large model), only for the checkpoint to overwrite them. Fill every parameter
+    with :func:`fill`, then call :func:`check_filled`.
+    """
+    model = nnx.eval_shape(make)
+    # Under jit the unused random parameters are dropped before compiling: only the small other state is built.
+    nnx.update(model, jax.jit(lambda: nnx.state(make(), nnx.Not(nnx.Param)))())
+    return model
+
+
+def fill(variable: nnx.Variable, value: np.ndarray, name: str) -> None:
+    """Set ``variable`` (abstract or not) to checkpoint tensor ``name``, cast to its dtype; shapes must match."""
+    if tuple(value.shape) != tuple(variable.shape):
+        raise ValueError(f"tensor {name!r} maps to shape {tuple(value.shape)}, but the model's is "
+                         f"{tuple(variable.shape)}.")  # fmt: skip
+    variable.set_value(jnp.asarray(value, variable.dtype))  # whole: an abstract variable cannot be indexed
+
+
+def check_filled(model: nnx.Module) -> nnx.Module:
+    """``model``, after checking that no parameter of :func:`unfilled` was left abstract."""
+    missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+               if isinstance(leaf, jax.ShapeDtypeStruct)]  # fmt: skip
+    if missing:
+        raise ValueError(f"the checkpoint filled no value for {missing[:5]} ({len(missing)} in all).")
+    return model

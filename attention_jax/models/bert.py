@@ -30,7 +30,7 @@ from flax import nnx
 
 from attention_jax import masks as masks_lib
 from attention_jax import nn as ajnn
-from attention_jax.models._loading import read_config, read_weights, take, write_weights
+from attention_jax.models._loading import check_filled, read_config, read_weights, take, unfilled, write_weights
 from attention_jax.models.gpt2 import assign
 from attention_jax.nn import _common
 
@@ -240,9 +240,9 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> BertModel:
     weights = read_weights(path)
     pooler = _prefix(weights) + "pooler.dense.weight" in weights
     config = BertConfig.from_hf(read_config(path), pooler=pooler)
-    model = build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    model = unfilled(lambda: build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     load_weights(model, weights)
-    return model
+    return check_filled(model)
 
 
 def to_hf_weights(model: BertModel) -> dict[str, np.ndarray]:

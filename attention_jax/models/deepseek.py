@@ -52,7 +52,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -60,7 +59,7 @@ from flax import nnx
 from attention_jax import nn as ajnn
 from attention_jax import positional
 from attention_jax.models import llama
-from attention_jax.models._loading import read_config, read_weights, take, write_weights
+from attention_jax.models._loading import check_filled, fill, read_config, read_weights, take, unfilled, write_weights
 
 MODEL_TYPE = "deepseek_v3"
 # transformers builds q_a_layernorm and kv_a_layernorm with the RMSNorm default, not rms_norm_eps.
@@ -286,9 +285,7 @@ def load(entries_: Iterator[Entry], weights: Mapping[str, np.ndarray]) -> None:
     """Copy ``weights`` (by Hugging Face name) into the entries' variables, checking every shape."""
     for name, variables, to_ours, _ in entries_:
         for variable, value in zip(variables, to_ours(np.asarray(take(weights, name))), strict=True):
-            if value.shape != variable.shape:
-                raise ValueError(f"tensor {name!r} maps to shape {value.shape}, but the model's is {variable.shape}.")
-            variable.set_value(jnp.asarray(value, variable.dtype))  # whole (the variable may be abstract)
+            fill(variable, value, name)
 
 
 def export(entries_: Iterator[Entry]) -> dict[str, np.ndarray]:
@@ -306,23 +303,9 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> ajnn.Transfor
     parameters are cast to ``dtype``. ``DeepseekV3Config.from_hf(read_config(path))`` is its config.
     """
     config = DeepseekV3Config.from_hf(read_config(path))
-    model = _unfilled(lambda: build(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model = unfilled(lambda: build(config, dtype=dtype, rngs=nnx.Rngs(0)))
     load(entries(model, config), read_weights(path))
-    unfilled = [leaf for leaf in jax.tree.leaves(nnx.state(model)) if isinstance(leaf, jax.ShapeDtypeStruct)]
-    assert not unfilled, f"parameters the checkpoint did not fill: {unfilled}"  # entries() covers every one
-    return model
-
-
-def _unfilled(make: Callable[[], nnx.Module]) -> nnx.Module:
-    """``make()`` with abstract parameters, to be filled from a checkpoint, and its other state (dropout streams).
-
-    Nothing is initialised at random: compiling the initialisers would cost seconds per parameter shape
-    (and memory for a large model), only for the checkpoint to overwrite them.
-    """
-    model = nnx.eval_shape(make)
-    # Under jit the unused random parameters are dropped before compiling: only the small other state is built.
-    nnx.update(model, jax.jit(lambda: nnx.state(make(), nnx.Not(nnx.Param)))())
-    return model
+    return check_filled(model)
 
 
 def to_pretrained(model: ajnn.TransformerLM, config: DeepseekV3Config, path: str | Path) -> None:

@@ -44,7 +44,7 @@ from flax import nnx
 
 from attention_jax import nn as ajnn
 from attention_jax import positional
-from attention_jax.models._loading import read_config, read_weights, write_weights
+from attention_jax.models._loading import check_filled, read_config, read_weights, unfilled, write_weights
 from attention_jax.models.llama import (
     Entry,
     attention_entries,
@@ -277,9 +277,9 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> ajnn.Transfor
     ``GemmaConfig.from_hf(read_config(path))`` is its config.
     """
     config = GemmaConfig.from_hf(read_config(path))
-    model = build(config, dtype=dtype, rngs=nnx.Rngs(0))
+    model = unfilled(lambda: build(config, dtype=dtype, rngs=nnx.Rngs(0)))
     load(entries(model, config), text_weights(read_weights(path)))
-    return model
+    return check_filled(model)
 
 
 # Where a multimodal Gemma 3 checkpoint keeps its language model (transformers 4 names, and 5's own).

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from attention_jax import nn as ajnn
-from attention_jax.models._loading import read_config, read_weights, take, write_weights
+from attention_jax.models._loading import check_filled, fill, read_config, read_weights, take, unfilled, write_weights
 
 __all__ = ["GPT2Config", "build", "from_pretrained", "to_pretrained", "to_hf_weights"]
 
@@ -138,10 +138,7 @@ def _prefix(weights: Mapping[str, np.ndarray]) -> str:
 
 def assign(param: nnx.Variable, value: np.ndarray, name: str) -> None:
     """Copy checkpoint tensor ``name`` into ``param`` (same shape), in the parameter's dtype."""
-    old = param[...]
-    if tuple(old.shape) != tuple(value.shape):
-        raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, the model expects {tuple(old.shape)}.")
-    param[...] = jnp.asarray(value, old.dtype)
+    fill(param, np.asarray(value), name)
 
 
 def load_weights(model: ajnn.TransformerLM, config: GPT2Config, weights: Mapping[str, np.ndarray]) -> None:
@@ -183,9 +180,9 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> ajnn.Transfor
     accumulate in float32.
     """
     config = GPT2Config.from_hf(read_config(path))
-    model = build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    model = unfilled(lambda: build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     load_weights(model, config, read_weights(path))
-    return model
+    return check_filled(model)
 
 
 def to_hf_weights(model: ajnn.TransformerLM, config: GPT2Config) -> dict[str, np.ndarray]:

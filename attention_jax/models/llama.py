@@ -42,7 +42,7 @@ from flax import nnx
 
 from attention_jax import nn as ajnn
 from attention_jax import positional
-from attention_jax.models._loading import read_config, read_weights, take, write_weights
+from attention_jax.models._loading import check_filled, fill, read_config, read_weights, take, unfilled, write_weights
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -367,10 +367,7 @@ def entries(model: ajnn.TransformerLM, config: LlamaConfig) -> Iterator[Entry]:
 def load(entries_: Iterator[Entry], weights: Mapping[str, np.ndarray]) -> None:
     """Copy ``weights`` (by Hugging Face name) into the entries' variables, checking every shape."""
     for name, variable, to_ours, _ in entries_:
-        value = to_ours(np.asarray(take(weights, name)))
-        if value.shape != variable.shape:
-            raise ValueError(f"tensor {name!r} maps to shape {value.shape}, but the model's is {variable.shape}.")
-        variable[...] = jnp.asarray(value, variable.dtype)
+        fill(variable, to_ours(np.asarray(take(weights, name))), name)
 
 
 def export(entries_: Iterator[Entry]) -> dict[str, np.ndarray]:
@@ -385,9 +382,9 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> ajnn.Transfor
     parameters are cast to ``dtype``. ``LlamaConfig.from_hf(read_config(path))`` is its config.
     """
     config = LlamaConfig.from_hf(read_config(path))
-    model = build(config, dtype=dtype, rngs=nnx.Rngs(0))
+    model = unfilled(lambda: build(config, dtype=dtype, rngs=nnx.Rngs(0)))
     load(entries(model, config), read_weights(path))
-    return model
+    return check_filled(model)
 
 
 def to_pretrained(model: ajnn.TransformerLM, config: LlamaConfig, path: str | Path) -> None:

@@ -39,7 +39,7 @@ from flax import nnx
 
 from attention_jax import masks as masks_lib
 from attention_jax import nn as ajnn
-from attention_jax.models._loading import read_config, read_weights, take, write_weights
+from attention_jax.models._loading import check_filled, read_config, read_weights, take, unfilled, write_weights
 from attention_jax.models.gpt2 import assign
 
 __all__ = ["T5Config", "T5Model", "build", "from_pretrained", "to_hf_weights", "to_pretrained"]
@@ -252,9 +252,9 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> T5Model:
     """
     weights = read_weights(path)
     config = T5Config.from_hf(read_config(path), tie_embeddings="lm_head.weight" not in weights)
-    model = build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    model = unfilled(lambda: build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     load_weights(model, weights)
-    return model
+    return check_filled(model)
 
 
 def to_hf_weights(model: T5Model) -> dict[str, np.ndarray]:

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from attention_jax import nn as ajnn
-from attention_jax.models._loading import read_config, read_weights, take, write_weights
+from attention_jax.models._loading import check_filled, fill, read_config, read_weights, take, unfilled, write_weights
 from attention_jax.models.bert import ACTIVATIONS
 from attention_jax.models.llama import Entry, export, same, transpose
 
@@ -291,29 +291,15 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> ViTModel:
         num_classes=None if classifier is None else int(classifier.shape[0]),
         pooler=prefix + "pooler.dense.weight" in weights,
     )
-    # No random initialisation: XLA would compile each initializer once per parameter shape (seconds),
-    # for values the checkpoint overwrites. The structure alone, then every parameter from the checkpoint.
-    model = nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
-    nnx.update(model, jax.tree.map(_placeholder, nnx.state(model, nnx.Not(nnx.Param))))
+    model = unfilled(lambda: build(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     _load(entries(model, prefix), weights)
-    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model))), "unloaded"
-    return model
+    return check_filled(model)
 
 
 def _load(entries_: Iterator[Entry], weights: Mapping[str, np.ndarray]) -> None:
     """Set the entries' (abstract) variables from ``weights``, checking every shape."""
     for name, variable, to_ours, _ in entries_:
-        value = to_ours(np.asarray(take(weights, name)))
-        if value.shape != tuple(variable.shape):
-            raise ValueError(
-                f"tensor {name!r} maps to shape {value.shape}, but the model's is {tuple(variable.shape)}."
-            )
-        variable.set_value(jnp.asarray(value, variable.dtype))
-
-
-def _placeholder(x: jax.ShapeDtypeStruct) -> Array:
-    """A concrete value for non-parameter state (the blocks' dropout streams; dropout is off in ViTModel)."""
-    return jax.random.key(0) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.zeros(x.shape, x.dtype)
+        fill(variable, to_ours(np.asarray(take(weights, name))), name)
 
 
 def to_hf_weights(model: ViTModel) -> dict[str, np.ndarray]:
