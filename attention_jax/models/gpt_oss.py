@@ -49,7 +49,7 @@ from flax import nnx
 
 from attention_jax import nn as ajnn
 from attention_jax import positional
-from attention_jax.models._loading import read_config, read_weights, write_weights
+from attention_jax.models._loading import check_filled, read_config, read_weights, unfilled, write_weights
 from attention_jax.models.llama import (
     Entry,
     attention_entries,
@@ -402,9 +402,9 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32) -> ajnn.Transfor
     the parameters are cast to ``dtype``. ``GptOssConfig.from_hf(read_config(path))`` is its config.
     """
     config = GptOssConfig.from_hf(read_config(path))
-    model = build(config, dtype=dtype, rngs=nnx.Rngs(0))
+    model = unfilled(lambda: build(config, dtype=dtype, rngs=nnx.Rngs(0)))  # no random init to overwrite
     load(entries(model, config), dequantized(read_weights(path)))
-    return model
+    return check_filled(model)
 
 
 def to_pretrained(model: ajnn.TransformerLM, config: GptOssConfig, path: str | Path) -> None:
