@@ -111,14 +111,15 @@ def test_gradients_match(pair):
         "decoder.block.1.layer.1.EncDecAttention.o.weight": cross_out[...].reshape(-1, d).T,
         "decoder.block.1.layer.2.DenseReluDense.wi.weight": g.decoder.blocks[1].mlp.up.kernel[...].T,
         "encoder.final_layer_norm.weight": g.encoder.final_norm.scale[...],
-        # The shared table's gradient is the sum of every layer's.
-        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": sum(
-            b.attention.relative_bias[...] for b in g.encoder.blocks
-        ),
-        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": sum(
-            b.attention.relative_bias[...] for b in g.decoder.blocks
-        ),
+        # One table per stack, shared by every layer: its gradient sums every layer's use.
+        **{
+            f"{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (
+                stack.blocks[0].attention.relative_bias[...]
+            )
+            for name, stack in (("encoder", g.encoder), ("decoder", g.decoder))
+        },
     }
+    assert all(b.attention.relative_bias is g.decoder.blocks[0].attention.relative_bias for b in g.decoder.blocks)
     for name, value in ours.items():
         np.testing.assert_allclose(np.asarray(value), ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
 

@@ -274,3 +274,42 @@ def test_post_norm_stack_has_no_final_norm():
     x = jax.random.normal(jax.random.key(9), (1, 4, D))
     np.testing.assert_allclose(enc(x), enc.blocks[1](enc.blocks[0](x)), atol=1e-6, rtol=1e-6)
     assert enc.final_norm is None
+
+
+def test_shared_attention_parameters_are_one_variable_whose_gradient_sums_the_layers():
+    """T5's one relative-bias table per stack: shared, it equals per-layer copies with summed gradients."""
+    relative = functools.partial(aj.nn.MultiHeadAttention, num_heads=2, relative_buckets=8)
+    shared = aj.nn.TransformerEncoder(3, D, attention=relative, shared_attention=("relative_bias",),
+                                      rngs=nnx.Rngs(0))  # fmt: skip
+    copies = aj.nn.TransformerEncoder(3, D, attention=relative, rngs=nnx.Rngs(1))
+    table = jax.random.normal(jax.random.key(10), shared.blocks[0].attention.relative_bias.shape)
+    shared.blocks[0].attention.relative_bias[...] = table
+    nnx.update(copies, nnx.state(shared))  # the same weights (the shared state holds the table once: set below)
+    for block in copies.blocks:
+        block.attention.relative_bias[...] = table
+    assert all(b.attention.relative_bias is shared.blocks[0].attention.relative_bias for b in shared.blocks)
+    n_params = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    assert n_params(copies) - n_params(shared) == 2 * table.size
+
+    x = jax.random.normal(jax.random.key(11), (2, 6, D))
+    loss = lambda m: jnp.sum(m(x) ** 2)  # noqa: E731
+    np.testing.assert_allclose(loss(shared), loss(copies), rtol=1e-5)
+    grad_shared, grad_copies = nnx.grad(loss)(shared), nnx.grad(loss)(copies)
+    summed = sum(grad_copies.blocks[i].attention.relative_bias[...] for i in range(3))
+    np.testing.assert_allclose(grad_shared.blocks[0].attention.relative_bias[...], summed, rtol=1e-4, atol=1e-6)
+
+    with pytest.raises(ValueError, match="shared_attention names 'nope'"):
+        aj.nn.TransformerEncoder(2, D, num_heads=2, shared_attention=("nope",), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="sequence of attribute names"):
+        aj.nn.TransformerEncoder(2, D, num_heads=2, shared_attention="relative_bias", rngs=nnx.Rngs(0))
+
+
+def test_logits_at_computes_the_chosen_tokens_logits_only():
+    """``logits_at [B, P]`` equals gathering the full logits (generate's prefill asks for one per row)."""
+    lm, tokens = _lm(), _tokens(12, t=7)
+    at = jnp.array([[6, 0], [3, 3]])
+    full = lm(tokens)
+    np.testing.assert_allclose(lm(tokens, logits_at=at), jnp.take_along_axis(full, at[..., None], axis=1),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match=r"logits_at must be integers of shape \[B, P\] with B=2"):
+        lm(tokens, logits_at=jnp.array([1, 2]))

@@ -2,10 +2,10 @@
 :class:`~attention_jax.nn.TransformerDecoder`, and its Hugging Face checkpoints.
 
 T5 runs pre-norm blocks with RMSNorm (no bias), unscaled scores (``scale=1``), no biases, and a
-learned relative position bias (bidirectional in the encoder, causal buckets in the decoder) that
-Hugging Face stores once per stack, in its first layer, and shares: the loader copies that table into
-every layer's ``relative_bias`` (equal forward; each layer's gradient is one term of the shared
-table's). The MLP is ``relu`` (T5) or gated GELU (``gated-gelu``, T5 v1.1: ``wi_0`` the gate,
+learned relative position bias (bidirectional in the encoder, causal buckets in the decoder): one
+table per stack, stored in its first layer and read by every layer (the stacks'
+``shared_attention=("relative_bias",)``, so its gradient sums every layer's use, as in Hugging Face).
+The MLP is ``relu`` (T5) or gated GELU (``gated-gelu``, T5 v1.1: ``wi_0`` the gate,
 ``wi_1`` the up projection). Logits read the shared embedding after scaling the decoder output by
 ``D ** -0.5`` (T5; not T5 v1.1, which has a separate ``lm_head``).
 
@@ -145,12 +145,12 @@ class T5Model(nnx.Module):
         self.embed = nnx.Embed(config.vocab_size, d, **dtypes, rngs=rngs)
         self.encoder = ajnn.TransformerEncoder(
             config.num_layers, d, attention=functools.partial(relative, relative_bidirectional=True), config=block,
-            rngs=rngs,
+            shared_attention=("relative_bias",), rngs=rngs,
         )  # fmt: skip
         self.decoder = ajnn.TransformerDecoder(
             config.num_decoder_layers or config.num_layers, d,
             attention=functools.partial(relative, relative_bidirectional=False), cross_attention=attention,
-            config=block, rngs=rngs,
+            config=block, shared_attention=("relative_bias",), rngs=rngs,
         )  # fmt: skip
         tied = config.tie_embeddings
         self.head = nnx.data(None) if tied else nnx.Linear(d, config.vocab_size, use_bias=False, **dtypes, rngs=rngs)
@@ -215,7 +215,7 @@ def load_weights(model: T5Model, weights: Mapping[str, np.ndarray]) -> None:
         for proj, key in ((attn.query, "q"), (attn.key, "k"), (attn.value, "v")):
             put(proj.kernel, f"{name}.{key}.weight", lambda w: w.T.reshape(d, n, h))  # [N*H, D] -> [D, N, H]
         put(attn.out.kernel, f"{name}.o.weight", lambda w: w.T.reshape(n, h, d))  # [D, N*H] -> [N, H, D]
-        if table is not None:  # one table per stack, shared by every layer
+        if table is not None:  # one table per stack: the first layer's, shared by the others
             put(attn.relative_bias, table)
 
     def mlp(ffn, name):
@@ -231,7 +231,7 @@ def load_weights(model: T5Model, weights: Mapping[str, np.ndarray]) -> None:
         table = f"{stack_name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"  # [buckets, N]
         for i, block in enumerate(stack.blocks):
             g = f"{stack_name}.block.{i}.layer."
-            attention(block.attention, g + "0.SelfAttention", table)
+            attention(block.attention, g + "0.SelfAttention", table if i == 0 else None)
             put(block.attention_norm.scale, g + "0.layer_norm.weight")
             last = 1
             if block.cross_attention is not None:

@@ -36,6 +36,36 @@ def _factories(attention, num_layers: int, config: BlockConfig) -> list:
     return [attention] * num_layers
 
 
+def _check_logits_at(logits_at, tokens_shape) -> Array:
+    """``logits_at`` as int32 ``[B, P]``, after checking its shape and dtype against ``tokens [B, T]``."""
+    logits_at = jnp.asarray(logits_at)
+    if logits_at.ndim != 2 or logits_at.shape[0] != tokens_shape[0] or not jnp.issubdtype(logits_at.dtype, jnp.integer):
+        raise ValueError(f"logits_at must be integers of shape [B, P] with B={tokens_shape[0]}, got "
+                         f"{logits_at.dtype} {logits_at.shape}.")  # fmt: skip
+    return logits_at.astype(jnp.int32)
+
+
+def _share(blocks: Sequence[TransformerBlock], names: Sequence[str]) -> None:
+    """Make every block's ``attention.<name>`` the first block's variable: one parameter, read by every layer.
+
+    NNX keeps shared references shared (``nnx.split`` stores the variable once), so its gradient is
+    the sum of every layer's use and an optimizer updates it once.
+    """
+    if isinstance(names, str):
+        raise ValueError(f"shared_attention must be a sequence of attribute names, got the string {names!r}.")
+    for name in names:
+        first = getattr(blocks[0].attention, name, None)
+        if not isinstance(first, nnx.Variable):
+            raise ValueError(f"shared_attention names {name!r}, which is no parameter of the first layer's "
+                             f"{type(blocks[0].attention).__name__} (got {type(first).__name__}).")  # fmt: skip
+        for depth, block in enumerate(blocks[1:], start=2):
+            other = getattr(block.attention, name, None)
+            if not isinstance(other, nnx.Variable) or other.shape != first.shape:
+                raise ValueError(f"shared_attention {name!r}: layer {depth} has {getattr(other, 'shape', other)}, "
+                                 f"the first layer a parameter of shape {first.shape}.")  # fmt: skip
+            setattr(block.attention, name, first)
+
+
 class _Stack(nnx.Module):
     """``num_layers`` pre-norm blocks and a final norm; the shared body of the three stacks."""
 
@@ -47,6 +77,7 @@ class _Stack(nnx.Module):
         attention: Attention,
         cross_attention: AttentionFactory | None,
         config: BlockConfig,
+        shared_attention: Sequence[str] = (),
         rngs: nnx.Rngs,
     ):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
@@ -60,6 +91,7 @@ class _Stack(nnx.Module):
                 for i, factory in enumerate(_factories(attention, num_layers, config))
             ]
         )
+        _share(self.blocks, shared_attention)
         # A post-norm block already ends in a norm (BERT has no final one); pre-norm stacks need it.
         self.final_norm = (
             nnx.data(None)
@@ -103,6 +135,9 @@ _STACK_DOC = """
       config: a :class:`~attention_jax.nn.BlockConfig`; keyword ``options`` (its field names:
         ``num_heads``, ``mlp``, ``mlp_features``, ``norm``, ``norm_epsilon``, ``dropout_rate``,
         ``deterministic``, ``remat``, ``dtype``, ``param_dtype``) override it.
+      shared_attention: names of attention parameters that every layer shares with the first one,
+        e.g. ``("relative_bias",)`` for T5's one relative-bias table per stack (the layers must have
+        the parameter, with one shape); its gradient sums every layer's use.
       rngs: as usual.
 """
 
@@ -128,11 +163,15 @@ class TransformerEncoder(_Stack):
         *,
         attention: Attention = None,
         config: BlockConfig | None = None,
+        shared_attention: Sequence[str] = (),
         rngs: nnx.Rngs,
         **options: Any,
     ):
         config = block_config(config, options)
-        super().__init__(num_layers, features, attention=attention, cross_attention=None, config=config, rngs=rngs)
+        super().__init__(
+            num_layers, features, attention=attention, cross_attention=None, config=config,
+            shared_attention=shared_attention, rngs=rngs,
+        )  # fmt: skip
 
     def __call__(
         self,
@@ -177,14 +216,16 @@ class TransformerDecoder(_Stack):
         cross_attention: AttentionFactory | None = None,
         mask: masks_lib.Mask | None = None,
         config: BlockConfig | None = None,
+        shared_attention: Sequence[str] = (),
         rngs: nnx.Rngs,
         **options: Any,
     ):
         config = block_config(config, options)
         cross_attention = config.default_attention() if cross_attention is None else cross_attention
         super().__init__(
-            num_layers, features, attention=attention, cross_attention=cross_attention, config=config, rngs=rngs
-        )
+            num_layers, features, attention=attention, cross_attention=cross_attention, config=config,
+            shared_attention=shared_attention, rngs=rngs,
+        )  # fmt: skip
         self.mask = _common.as_attribute(masks_lib.causal() if mask is None else mask)  # arrays in a mask are data
 
     def __call__(
@@ -231,6 +272,7 @@ class TransformerLM(nnx.Module):
       embedding_scale: multiply the token embedding by this (Gemma: ``sqrt(features)``).
       logit_softcap: cap the logits at ``c * tanh(logits / c)`` (Gemma 2).
       config, options: the block options, as in :class:`TransformerEncoder`.
+      shared_attention: as in :class:`TransformerEncoder`.
       rngs: as usual.
 
     >>> import functools
@@ -264,6 +306,7 @@ class TransformerLM(nnx.Module):
         embedding_scale: float | None = None,
         logit_softcap: float | None = None,
         config: BlockConfig | None = None,
+        shared_attention: Sequence[str] = (),
         rngs: nnx.Rngs,
         **options: Any,
     ):
@@ -282,7 +325,10 @@ class TransformerLM(nnx.Module):
         self.position_embed = (
             nnx.Embed(position_embedding, features, **dtypes, rngs=rngs) if position_embedding else nnx.data(None)
         )
-        self.stack = _Stack(num_layers, features, attention=attention, cross_attention=None, config=config, rngs=rngs)
+        self.stack = _Stack(
+            num_layers, features, attention=attention, cross_attention=None, config=config,
+            shared_attention=shared_attention, rngs=rngs,
+        )  # fmt: skip
         self.head = (
             nnx.data(None)
             if tie_embeddings
@@ -299,12 +345,15 @@ class TransformerLM(nnx.Module):
         lengths: Array | None = None,
         cache: Sequence | None = None,
         deterministic: bool | None = None,
+        logits_at: Array | None = None,
     ):
         """Logits ``[B, T, V]`` for ``tokens [B, T]`` (int); with ``cache`` returns ``(logits, caches)``.
 
         ``segment_ids [B, T]``: packed documents (each attends within itself, positions restart);
         ``lengths [B]``: real tokens per row (right padding), appended to the cache when decoding;
-        ``mask`` replaces the model's mask for this call.
+        ``mask`` replaces the model's mask for this call; ``logits_at [B, P]`` (int, indices into
+        ``T``): compute the logits of these tokens only, ``[B, P, V]`` (a prefill needs one per row, and
+        the ``[B, T, V]`` logits of a long prompt cost more than its attention).
         """
         if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
             raise ValueError(
@@ -320,6 +369,8 @@ class TransformerLM(nnx.Module):
             lengths=lengths, cache=cache, deterministic=deterministic,
         )  # fmt: skip
         x, cache = out if cache is not None else (out, None)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, _check_logits_at(logits_at, tokens.shape)[..., None], axis=1)  # [B, P, D]
         logits = self.embed.attend(x) if self.head is None else self.head(x)  # [B, T, V]
         if self.logit_softcap is not None:
             logits = self.logit_softcap * jnp.tanh(logits / self.logit_softcap)
