@@ -4,12 +4,15 @@
 (logits, cache)`` that has ``model.init_cache(batch_size, max_length, kind=..., quantized=...)``,
 such as :class:`attention_jax.nn.TransformerLM` (any attention layer that decodes, see
 :class:`attention_jax.nn.AttentionLayer`). An encoder-decoder passes its encoder output through
-``model_inputs`` (e.g. ``{"context": encoder_out}``), given to every call of the model.
+``model_inputs`` (e.g. ``{"context": encoder_out}``), given to every call of the model. A model
+whose call also takes ``logits_at=[B, P]`` (token indices; ``TransformerLM`` does) gets the prefill's
+last token per row only, instead of computing logits for the whole prompt.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -125,25 +128,37 @@ def generate(
     graphdef, state = nnx.split(frozen)
     rng = jax.random.key(0) if rng is None else rng
     sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+    # A model that can compute the logits of chosen tokens only (TransformerLM's logits_at) prefills
+    # without the [B, T, V] logits of the whole prompt.
+    last_only = "logits_at" in inspect.signature(type(model).__call__).parameters
     tokens, cache = _generate(
         graphdef, state, prompt, lengths, cache, rng, dict(model_inputs or {}), max_new_tokens=max_new_tokens,
-        eos_id=eos_id, **sampling,
+        eos_id=eos_id, last_only=last_only, **sampling,
     )  # fmt: skip
     for layer_cache in jax.tree.leaves(cache, is_leaf=lambda c: hasattr(c, "check")):
         layer_cache.check()
     return tokens
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, prompt, lengths, cache, rng, model_inputs, *, max_new_tokens, eos_id, **sampling):
+_STATIC = ("graphdef", "max_new_tokens", "eos_id", "last_only", "temperature", "top_k", "top_p")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate(graphdef, state, prompt, lengths, cache, rng, model_inputs, *, max_new_tokens, eos_id, last_only,
+              **sampling):  # fmt: skip
     b = prompt.shape[0]
 
-    def step(tokens, cache, lengths):
+    def step(tokens, cache, lengths, **kwargs):
         model = nnx.merge(graphdef, state)
-        return model(tokens, cache=cache, lengths=lengths, **model_inputs)  # [B, T, V]
+        return model(tokens, cache=cache, lengths=lengths, **model_inputs, **kwargs)  # [B, T, V]
 
-    logits, cache = step(prompt, cache, lengths)  # prefill
-    last = jnp.take_along_axis(logits, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    last_at = (jnp.maximum(lengths, 1) - 1)[:, None]  # [B, 1]: each row's last prompt token
+    if last_only:
+        logits, cache = step(prompt, cache, lengths, logits_at=last_at)  # prefill, [B, 1, V]
+        last = logits[:, 0]
+    else:
+        logits, cache = step(prompt, cache, lengths)  # prefill, [B, T, V]
+        last = jnp.take_along_axis(logits, last_at[..., None], axis=1)[:, 0]  # [B, V]
     rng, sub = jax.random.split(rng)
     first = sample_logits(last, sub, **sampling)  # [B]
     out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)

@@ -10,7 +10,8 @@ agree: the prefill's last logits to float32 precision and the same greedy tokens
 A point is a cache length L and a batch B: a random prompt of ``P = L - n`` tokens, then ``n`` greedy decode
 steps, so the cache holds exactly L tokens at the end (ours is allocated with capacity L). Tokens/s:
 ``B * P / prefill time`` and ``B * n / decode time`` (the decode steps feed one token per row each). Both
-sides compute the logits of every prompt position in the prefill, as a plain forward call does.
+sides compute the logits of the prompt's last token only, as generation does (ours ``logits_at``, theirs
+``logits_to_keep=1``, what ``generate`` passes): the ``[B, P, V]`` logits would cost more than the attention.
 
 * ours: one jitted call for the prefill, then one jitted call per token with the cache donated (updated in
   place), as in ``examples/generate.py``; both compiled ahead of timing (compile time reported apart).
@@ -112,7 +113,8 @@ def _greedy_step(graphdef, state, tokens, cache):
     import jax.numpy as jnp
     from flax import nnx
 
-    logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache)  # [B, T, V]
+    last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)  # [B, 1]
+    logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache, logits_at=last)  # [B, 1, V]
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), logits[:, -1], cache
 
 
@@ -182,16 +184,16 @@ def run_theirs(hf, prompt, steps: int, kind: str, length: int) -> Run:
     with torch.inference_mode():
         kw = {name: transformers.StaticCache(config=hf.config, max_cache_len=length)} if kind == "static" else {}
         start = time.perf_counter()
-        out = hf(ids, use_cache=True, **kw)
+        out = hf(ids, use_cache=True, logits_to_keep=1, **kw)
         logits = out.logits[:, -1]  # [B, V]
         token = logits.argmax(-1)
         prefill = time.perf_counter() - start
         cache = getattr(out, name)
-        del out  # the prompt's logits, [B, P, V]
+        del out
         tokens = [token]
         start = time.perf_counter()
         for _ in range(steps):
-            out = hf(token[:, None], use_cache=True, **{name: cache})
+            out = hf(token[:, None], use_cache=True, logits_to_keep=1, **{name: cache})
             token, cache = out.logits[:, -1].argmax(-1), getattr(out, name)
             tokens.append(token)
         decode = time.perf_counter() - start
@@ -382,7 +384,8 @@ def main(argv=None) -> None:
         + (f"; at the points below they differ by at most {max(errors):.0e}. " if errors else ". ")
         + "Each point: a random prompt of "
         f"P = L - n tokens, then n = {steps} greedy decode steps (the cache ends holding L tokens); median of "
-        f"{repeats} interleaved rounds. Prefill: B * P / time (logits of every prompt position on both sides); "
+        f"{repeats} interleaved rounds. Prefill: B * P / time (logits of the last prompt token only on both sides: "
+        "ours `logits_at`, theirs `logits_to_keep=1`, as generation does); "
         "decode: B * n / time. Ours: one jitted prefill, one jitted step per token with the cache donated, "
         "compiled ahead; the loop does not wait for each token (the next step is dispatched while one runs). "
         "Theirs: `model(input_ids, use_cache=True)`, then one forward per token with the returned cache, under "
