@@ -24,7 +24,7 @@ Each point runs in a fresh process; its implementations are timed in interleaved
 load hits them alike) and reported as medians. Run it on a quiet machine: torch's threads wait for each other
 at every op, and a busy machine slows transformers far more than ours (a warning says so).
 
-    python benchmarks/bench_decode.py                # the suite (~30 min, ~11 GB on 2 cores); updates RESULTS.md
+    python benchmarks/bench_decode.py                # the suite (~16 min, < 5 GB on 2 cores); updates RESULTS.md
     python benchmarks/bench_decode.py --quick        # a tiny model, L=64, B=1 and 2, 4 steps; prints only
     python benchmarks/bench_decode.py --lengths 2048 --batches 1 --no-write   # one point
 """
