@@ -104,6 +104,9 @@ def train(args, x_train, y_train, x_test, y_test):
             bar.set_postfix(loss=f"{float(loss):.3f}", test_acc=f"{test_acc:.3f}")
             if (epoch + 1) % max(1, args.epochs // 5) == 0 or epoch + 1 == args.epochs:
                 bar.write(f"epoch {epoch + 1:3d}  loss {float(loss):.4f}  test accuracy {test_acc:.3f}")
+            if test_acc >= args.target_accuracy:
+                bar.write(f"epoch {epoch + 1:3d}: test accuracy {test_acc:.3f} >= {args.target_accuracy}, stopping.")
+                break
     return nnx.merge(graphdef, params, rest), test_acc, time.perf_counter() - start
 
 
@@ -159,6 +162,8 @@ def main(argv=None) -> None:
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random shifts of one pixel (default on)")
     p.add_argument("--num-images", type=int, default=6, help="test images to explain")
+    p.add_argument("--target-accuracy", type=float, default=1.1,
+                   help="stop after the first epoch whose test accuracy reaches this (default: train every epoch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path("outputs"))
     args = p.parse_args(argv)
