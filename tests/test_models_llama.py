@@ -211,3 +211,6 @@ def test_transformers4_config_fields():
     config = llama.LlamaConfig.from_hf(qwen2)
     assert [config.window(i) for i in range(4)] == [None, None, 7, 7] and config.qkv_bias and not config.out_bias
     assert llama.LlamaConfig.from_hf(dict(qwen2, use_sliding_window=False)).sliding_window is None
+    with_length = dict(v4, max_position_embeddings=4096)  # kept through the reverse export
+    assert llama.LlamaConfig.from_hf(llama.LlamaConfig.from_hf(with_length).to_hf()).max_position_embeddings == 4096
+    assert "max_position_embeddings" not in v5.to_hf()  # unset stays unset (transformers' own default)

@@ -64,6 +64,8 @@ class LlamaConfig:
         ``sliding_window`` minus one); None for full attention.
       layer_types: ``"full_attention"`` or ``"sliding_attention"`` per layer; None: every layer
         slides when ``sliding_window`` is set (Mistral).
+      max_position_embeddings: the checkpoint's context length (kept for the reverse export, where
+        transformers would otherwise assume 2048: its YaRN and dynamic RoPE read it); None: unset.
       model_type: the Hugging Face ``model_type`` (kept for the reverse export).
     """
 
@@ -83,6 +85,7 @@ class LlamaConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
+    max_position_embeddings: int | None = None
     model_type: str = "llama"
 
     def __post_init__(self):
@@ -148,6 +151,7 @@ class LlamaConfig:
             qk_norm=model_type == "qwen3",
             sliding_window=hf_window(window),
             layer_types=None if window is None or layer_types is None else tuple(layer_types),
+            max_position_embeddings=config.get("max_position_embeddings"),
             model_type=model_type,
         )
 
@@ -169,6 +173,8 @@ class LlamaConfig:
             tie_word_embeddings=self.tie_embeddings,
             sliding_window=None if self.sliding_window is None else self.sliding_window + 1,
         )
+        if self.max_position_embeddings is not None:
+            config.update(max_position_embeddings=self.max_position_embeddings)
         if self.model_type in ("llama", "qwen3"):
             config.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         if self.model_type in ("qwen2", "qwen3"):
