@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_jax import positional
+from attention_jax._pytree import register_dataclass
 
 __all__ = ["ScoreMod", "softcap", "alibi", "relative_position_bias", "from_fn", "compose"]
 
@@ -118,7 +119,7 @@ class _Softcap(ScoreMod):
         return _SoftcapTile(self.cap)
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Alibi(ScoreMod):
     slopes: Array  # [N]
@@ -134,7 +135,7 @@ class _Alibi(ScoreMod):
         return (self.slopes,)
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _RelativePositionBias(ScoreMod):
     table: Array  # [num_buckets, N]
@@ -170,7 +171,7 @@ class _FromFn(ScoreMod):
         return _FnTile(self.fn)
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Compose(ScoreMod):
     mods: tuple[ScoreMod, ...]

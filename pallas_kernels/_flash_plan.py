@@ -195,7 +195,14 @@ class Plan:
         return self.q_pos.shape[0] > 1 or self.kv_pos.shape[0] > 1
 
 
-jax.tree_util.register_dataclass(Plan, data_fields=[f.name for f in dataclasses.fields(Plan)], meta_fields=[])
+# Registered with the class in the tree structure: ``register_dataclass`` structures of different classes
+# with the same number of children compare equal (JAX 0.10), which can mix up jit-compiled programs.
+_PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(Plan))
+jax.tree_util.register_pytree_node(
+    Plan,
+    lambda plan: (tuple(getattr(plan, name) for name in _PLAN_FIELDS), None),
+    lambda _, children: Plan(*children),
+)
 
 
 def _rows(x: jax.Array, geom: Geometry, axis: int) -> jax.Array:

@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from attention_jax._pytree import register_dataclass
+
 Array = jax.Array
 
 _INT8_MAX = 127.0
@@ -38,7 +40,7 @@ def dequantize(q: Array, scale: Array, dtype) -> Array:
     return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVStorage:
     """Keys and (optionally) values over the index dimensions ``*I`` of a cache.

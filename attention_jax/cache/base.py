@@ -18,12 +18,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from attention_jax._pytree import register_dataclass
 from attention_jax.cache._storage import KVStorage
 
 Array = jax.Array
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVView:
     """The keys new queries attend to, in position order per sequence.

@@ -7,13 +7,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from attention_jax._pytree import register_dataclass
 from attention_jax.cache import base
 from attention_jax.cache._storage import KVStorage
 
 Array = jax.Array
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache(base.Cache):
     """Pages of ``page_size`` tokens shared by all sequences; ``page_table[b, i]`` is the page holding

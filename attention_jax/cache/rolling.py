@@ -7,13 +7,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from attention_jax._pytree import register_dataclass
 from attention_jax.cache import base
 from attention_jax.cache._storage import KVStorage
 
 Array = jax.Array
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RollingKVCache(base.Cache):
     """Ring buffer of ``W`` slots: position ``p`` lives in slot ``p % W``; older tokens are evicted.

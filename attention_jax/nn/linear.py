@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention_jax import masks as masks_lib
+from attention_jax._pytree import register_dataclass
 from attention_jax.functional.delta_rule import (
     FastWeightState,
     delta_rule_attention,
@@ -80,7 +81,7 @@ class RandomFeatures(nnx.Variable):
     """Performer's random projection: state, not a trainable parameter (``nnx.Param`` filters skip it)."""
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RecurrentCache:
     """The decoding cache of a linear-attention layer: its recurrent state and the tokens it has read.

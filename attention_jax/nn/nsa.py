@@ -34,6 +34,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from attention_jax import masks as masks_lib
+from attention_jax._pytree import register_dataclass
 from attention_jax.functional.nsa import (
     check_config,
     compress_blocks,
@@ -69,7 +70,7 @@ class BlockCompressor(nnx.Module):
         return self.output(jax.nn.gelu(self.hidden(x.reshape(*x.shape[:-2], -1))))
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NSACache:
     """The decoding state of :class:`NativeSparseAttention` (an immutable pytree).
