@@ -23,6 +23,7 @@ from attention_jax.functional.nsa import native_sparse_attention
 from attention_jax.functional.performer import PerformerState, favor_features, performer_attention
 from attention_jax.functional.positional_attention import gated_positional_attention, positional_attention
 from attention_jax.functional.sparse import bigbird_attention, longformer_attention, sparse_transformer_attention
+from attention_jax.functional.ssm import selective_scan, selective_scan_step
 from attention_jax.functional.vision import cbam, efficient_channel_attention, spatial_attention, squeeze_excitation
 
 __all__ = [
@@ -58,6 +59,8 @@ __all__ = [
     "performer_attention",
     "positional_attention",
     "sparse_transformer_attention",
+    "selective_scan",
+    "selective_scan_step",
     "spatial_attention",
     "squeeze_excitation",
 ]

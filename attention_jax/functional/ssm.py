@@ -1,0 +1,261 @@
+"""Selective state spaces (Mamba, Gu & Dao 2023; Mamba-2, Dao & Gu 2024): the input-dependent linear recurrence
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t b_t^T        (h [H, F] per head, float32)
+    y_t = h_t c_t + D * x_t
+
+per head ``n``, with ``x_t [H]`` the head's input, ``dt_t > 0`` its step size, ``b_t, c_t [F]`` the input and
+output projections of the head's group and ``A`` a negative decay: one scalar per head (Mamba-2) or one per
+head and state channel ``[N, F]`` (Mamba: its ``D_inner`` channels are ``N`` heads of size ``H = 1``). Read as
+attention, ``c`` is a query, ``b`` a key and ``dt * x`` a value, with a causal mask that decays with distance
+(the state-space duality of Mamba-2); ``b`` and ``c`` are shared by the ``G = N // K`` heads of a group as keys
+are in grouped-query attention.
+
+Three forms compute the same thing:
+
+* ``"sequential"``: ``lax.scan`` one token at a time (the reference; decoding uses :func:`selective_scan_step`);
+* ``"associative"``: ``lax.associative_scan`` over ``(decay, input)`` pairs, ``log T`` depth, ``[B, T, N, H, F]``
+  memory;
+* ``"chunked"``: Mamba-2's state-space-duality form, scalar ``A`` per head only: quadratic attention-like
+  matmuls inside chunks of ``chunk_size`` tokens, the state carried between chunks. Linear in T, and the
+  matmuls are what accelerators are fast at.
+
+Packed documents (``segment_ids [B, T]``) reset the state where a run of equal ids starts, so a packed row
+equals its documents run one by one; an initial ``state`` continues the first run. Right padding
+(``lengths [B]``) sets ``dt`` to 0 on padded tokens: they neither decay nor feed the state, so the final state
+is the state after each row's last real token.
+
+Layouts: ``x [B, T, N, H]``, ``dt [B, T, N]``, ``a [N]`` or ``[N, F]``, ``b, c [B, T, K, F]``, ``d [N]``,
+state ``[B, N, H, F]`` float32.
+
+>>> import jax, jax.numpy as jnp
+>>> x = jnp.ones((1, 6, 2, 3))                             # [B, T, N, H]
+>>> dt = jnp.full((1, 6, 2), 0.5)                          # [B, T, N], after softplus
+>>> b = c = jnp.ones((1, 6, 1, 4))                         # [B, T, K, F]
+>>> a = -jnp.ones((2,))                                    # [N]: Mamba-2's scalar decay per head
+>>> y, state = selective_scan(x, dt, a, b, c, implementation="sequential", return_state=True)
+>>> y.shape, state.shape
+((1, 6, 2, 3), (1, 2, 3, 4))
+>>> chunked = selective_scan(x, dt, a, b, c, implementation="chunked", chunk_size=4)
+>>> bool(jnp.allclose(chunked, y, atol=1e-5))
+True
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attention_jax.functional.linear import check_chunk_size, check_packing, chunk_runs, from_chunks, to_chunks
+
+Array = jax.Array
+_HI = jax.lax.Precision.HIGHEST
+IMPLEMENTATIONS = ("sequential", "associative", "chunked")
+
+__all__ = ["selective_scan", "selective_scan_step", "IMPLEMENTATIONS"]
+
+
+def _check(x, dt, a, b, c, d, state) -> int:
+    """Validates the shapes; returns the state size ``F``."""
+    if jnp.ndim(x) != 4:
+        raise ValueError(f"x must be [B, T, N, H], got shape {jnp.shape(x)}.")
+    batch, length, heads, head_dim = jnp.shape(x)
+    if jnp.shape(dt) != (batch, length, heads):
+        raise ValueError(f"dt must be [B, T, N]={[batch, length, heads]}, got shape {jnp.shape(dt)}.")
+    if jnp.ndim(b) != 4 or jnp.shape(b)[:2] != (batch, length):
+        raise ValueError(f"b must be [B, T, K, F] with [B, T]={[batch, length]}, got shape {jnp.shape(b)}.")
+    if jnp.shape(c) != jnp.shape(b):
+        raise ValueError(f"c must have the shape of b [B, T, K, F]={list(jnp.shape(b))}, got {jnp.shape(c)}.")
+    groups, state_dim = jnp.shape(b)[2:]
+    if heads % groups:
+        raise ValueError(f"the N={heads} heads of x must divide into the K={groups} groups of b and c.")
+    if jnp.shape(a) not in ((heads,), (heads, state_dim)):
+        raise ValueError(f"a must be [N]={[heads]} or [N, F]={[heads, state_dim]}, got shape {jnp.shape(a)}.")
+    if d is not None and jnp.shape(d) != (heads,):
+        raise ValueError(f"d must be [N]={[heads]}, got shape {jnp.shape(d)}.")
+    if state is not None and jnp.shape(state) != (batch, heads, head_dim, state_dim):
+        raise ValueError(
+            f"state must be [B, N, H, F]={[batch, heads, head_dim, state_dim]}, got shape {jnp.shape(state)}."
+        )
+    return state_dim
+
+
+def _per_head(y: Array, heads: int) -> Array:
+    """``[..., K, F] -> [..., N, F]``: head ``n`` reads group ``n // G``."""
+    return jnp.repeat(y, heads // y.shape[-2], axis=-2)
+
+
+def _decay(dt: Array, a: Array) -> Array:
+    """``exp(dt * A)`` broadcastable against the state: ``[..., N, 1, 1]`` or ``[..., N, 1, F]``."""
+    if a.ndim == 1:
+        return jnp.exp(dt * a)[..., None, None]
+    return jnp.exp(dt[..., None] * a)[..., None, :]
+
+
+def _inputs(x: Array, dt: Array, b: Array) -> Array:
+    """``dt * x b^T`` ``[..., N, H, F]``: what each token adds to the state."""
+    return (dt[..., None] * x)[..., None] * b[..., None, :]
+
+
+def _starts(runs: Array) -> Array:
+    """``[B, T]`` bool: the first token of every run but the first (where the state resets)."""
+    return jnp.concatenate([jnp.zeros_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], axis=1)
+
+
+def _sequential(x, dt, a, b, c, runs, state):
+    """One token at a time: ``(y [B, T, N, H], final state)``."""
+    starts = _starts(runs)
+
+    def step(h, inputs):
+        x_t, dt_t, b_t, c_t, start = inputs  # [B, N, H], [B, N], [B, N, F], [B, N, F], [B]
+        h = jnp.where(start[:, None, None, None], 0.0, h)
+        h = _decay(dt_t, a) * h + _inputs(x_t, dt_t, b_t)
+        return h, jnp.einsum("BNHF,BNF->BNH", h, c_t, precision=_HI)
+
+    xs = tuple(jnp.moveaxis(v, 1, 0) for v in (x, dt, b, c, starts))  # time-major
+    state, y = jax.lax.scan(step, state, xs)
+    return jnp.moveaxis(y, 0, 1), state
+
+
+def _associative(x, dt, a, b, c, runs, state):
+    """``h_t = decay_t h_{t-1} + u_t`` as a prefix scan of affine maps, ``(d1, u1) then (d2, u2)`` being
+    ``(d1 d2, d2 u1 + u2)``."""
+    decay = jnp.where(_starts(runs)[:, :, None, None, None], 0.0, _decay(dt, a))  # [B, T, N, 1, F|1]
+    u = _inputs(x, dt, b)  # [B, T, N, H, F]
+    u = u.at[:, 0].add(decay[:, 0] * state)  # the first token continues the carried state
+
+    def combine(left, right):
+        (d1, u1), (d2, u2) = left, right
+        return d1 * d2, d2 * u1 + u2
+
+    _, h = jax.lax.associative_scan(combine, (decay, u), axis=1)  # [B, T, N, H, F]
+    return jnp.einsum("BTNHF,BTNF->BTNH", h, c, precision=_HI), h[:, -1]
+
+
+def _chunked(x, dt, a, b, c, runs, state, chunk_size):
+    """Mamba-2's SSD form: within a chunk ``y_t = sum_{s <= t} exp(cum_t - cum_s) (c_t . b_s) dt_s x_s`` plus the
+    carried state decayed by ``exp(cum_t)``, where ``cum`` is the running sum of ``dt * A`` in the chunk."""
+    length = x.shape[1]
+    tril = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+
+    def chunk_step(h, chunk):
+        x_c, dt_c, b_c, c_c, r_c, previous = chunk  # [B, L, N, H], [B, L, N], [B, L, N, F] x2, [B, L], [B]
+        cum = jnp.cumsum(dt_c * a, axis=1)  # [B, L, N] log decay from the chunk start
+        same_run = tril & (r_c[:, :, None] == r_c[:, None, :])  # [B, L, M]
+        cum_n = jnp.moveaxis(cum, 1, 2)  # [B, N, L]
+        # Decay from s to t; masked before exp, so pairs with s > t (positive gaps) never overflow.
+        gap = jnp.where(same_run[:, None], cum_n[..., :, None] - cum_n[..., None, :], -jnp.inf)  # [B, N, L, M]
+        scores = jnp.einsum("BLNF,BMNF->BNLM", c_c, b_c, precision=_HI) * jnp.exp(gap)  # [B, N, L, M]
+        y = jnp.einsum("BNLM,BMNH->BLNH", scores, dt_c[..., None] * x_c, precision=_HI)
+        sees_state = (r_c == previous[:, None])[..., None]  # [B, L, 1]
+        carried = jnp.where(sees_state, jnp.exp(cum), 0.0)  # [B, L, N]
+        y = y + carried[..., None] * jnp.einsum("BNHF,BLNF->BLNH", h, c_c, precision=_HI)
+        # The state after the chunk: the last run's tokens, decayed to the chunk end, plus the carried state
+        # if that run continues it.
+        last = r_c[:, -1:]  # [B, 1]
+        to_end = jnp.where((r_c == last)[..., None], jnp.exp(cum[:, -1:] - cum), 0.0)  # [B, L, N]
+        h_new = jnp.einsum("BLN,BLNH,BLNF->BNHF", to_end * dt_c, x_c, b_c, precision=_HI)
+        keep = jnp.where(last[:, 0] == previous, 1.0, 0.0)[:, None, None, None]
+        h_new = h_new + keep * jnp.exp(cum[:, -1])[..., None, None] * h
+        return h_new, y
+
+    # Zero padding: dt = 0 neither decays nor adds, so the padded tail leaves the state as it was.
+    chunks = tuple(to_chunks(v, chunk_size) for v in (x, dt, b, c))
+    state, y = jax.lax.scan(chunk_step, state, chunks + chunk_runs(runs, chunk_size))
+    return from_chunks(y, length), state
+
+
+def selective_scan(
+    x: Array,
+    dt: Array,
+    a: Array,
+    b: Array,
+    c: Array,
+    d: Array | None = None,
+    *,
+    implementation: str | None = None,
+    chunk_size: int = 64,
+    segment_ids: Array | None = None,
+    lengths: Array | None = None,
+    state: Array | None = None,
+    return_state: bool = False,
+):
+    """The selective scan ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t b_t^T``, ``y_t = h_t c_t + D x_t``.
+
+    Args:
+      x: ``[B, T, N, H]`` the heads' inputs.
+      dt: ``[B, T, N]`` step sizes, already positive (the caller applies ``softplus(. + bias)``).
+      a: ``[N]`` (Mamba-2) or ``[N, F]`` (Mamba) decay rates, normally negative (``-exp(A_log)``).
+      b: ``[B, T, K, F]`` input projections; head ``n`` reads group ``n // (N // K)``.
+      c: ``[B, T, K, F]`` output projections.
+      d: ``[N]`` skip connection ``D * x``; None for none.
+      implementation: ``"sequential"``, ``"associative"`` or ``"chunked"`` (needs ``a`` of shape ``[N]``);
+        None picks ``"chunked"`` for ``a [N]`` and ``"associative"`` for ``a [N, F]``. All agree to float32
+        rounding.
+      chunk_size: tokens per chunk of the chunked form (T is zero-padded; it need not divide T).
+      segment_ids: int ``[B, T]`` packed documents: the state resets where a run of equal ids starts.
+      lengths: int ``[B]`` real tokens per row (right padding): later tokens leave the state unchanged.
+      state: ``[B, N, H, F]`` the state to continue from (the first run continues it); default zeros.
+      return_state: also return the state after the last token (float32).
+
+    Returns:
+      ``y [B, T, N, H]`` in the dtype of ``x``, and the final state ``[B, N, H, F]`` when ``return_state``.
+    """
+    state_dim = _check(x, dt, a, b, c, d, state)
+    if implementation is None:
+        implementation = "chunked" if jnp.ndim(a) == 1 else "associative"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation=!r}.")
+    if implementation == "chunked" and jnp.ndim(a) != 1:
+        raise ValueError(
+            f"implementation='chunked' (Mamba-2's SSD form) needs one decay per head, a [N]; got a of shape "
+            f"{jnp.shape(a)}: use 'associative' or 'sequential' for a per-channel decay [N, F]."
+        )
+    chunk_size = check_chunk_size(chunk_size)
+    batch, length, heads, head_dim = x.shape
+    runs, valid = check_packing(segment_ids, lengths, batch, length, length)
+    if runs is None:
+        runs = jnp.zeros((batch, length), jnp.int32)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    xf, dtf, af = f32(x), f32(dt), f32(a)
+    if valid is not None:
+        dtf = jnp.where(valid[..., None], dtf, 0.0)  # padding: no decay, no input
+    bf, cf = _per_head(f32(b), heads), _per_head(f32(c), heads)  # [B, T, N, F]
+    if state is None:
+        state = jnp.zeros((batch, heads, head_dim, state_dim), jnp.float32)
+    state = f32(state)
+    if implementation == "sequential":
+        y, state = _sequential(xf, dtf, af, bf, cf, runs, state)
+    elif implementation == "associative":
+        y, state = _associative(xf, dtf, af, bf, cf, runs, state)
+    else:
+        y, state = _chunked(xf, dtf, af, bf, cf, runs, state, chunk_size)
+    if d is not None:
+        y = y + f32(d)[:, None] * xf
+    y = y.astype(x.dtype)
+    return (y, state) if return_state else y
+
+
+def selective_scan_step(
+    state: Array, x: Array, dt: Array, a: Array, b: Array, c: Array, d: Array | None = None
+) -> tuple[Array, Array]:
+    """One decoding step of :func:`selective_scan`: ``(y [B, N, H], state [B, N, H, F])``.
+
+    ``x [B, N, H]``, ``dt [B, N]``, ``b, c [B, K, F]``, ``state [B, N, H, F]``; ``a`` and ``d`` as in
+    :func:`selective_scan`.
+
+    >>> import jax.numpy as jnp
+    >>> state = jnp.zeros((1, 2, 3, 4))
+    >>> y, state = selective_scan_step(state, jnp.ones((1, 2, 3)), jnp.ones((1, 2)), -jnp.ones((2,)),
+    ...                                jnp.ones((1, 1, 4)), jnp.ones((1, 1, 4)))
+    >>> y.shape, state.shape
+    ((1, 2, 3), (1, 2, 3, 4))
+    """
+    _check(x[:, None], dt[:, None], a, b[:, None], c[:, None], d, state)
+    heads = x.shape[1]
+    xf, dtf = jnp.asarray(x, jnp.float32), jnp.asarray(dt, jnp.float32)
+    bf, cf = _per_head(jnp.asarray(b, jnp.float32), heads), _per_head(jnp.asarray(c, jnp.float32), heads)
+    state = _decay(dtf, jnp.asarray(a, jnp.float32)) * jnp.asarray(state, jnp.float32) + _inputs(xf, dtf, bf)
+    y = jnp.einsum("BNHF,BNF->BNH", state, cf, precision=_HI)
+    if d is not None:
+        y = y + jnp.asarray(d, jnp.float32)[:, None] * xf
+    return y.astype(x.dtype), state
