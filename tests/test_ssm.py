@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_jax.functional.ssm import selective_scan, selective_scan_step
+from attention_jax.functional.ssm import selective_scan, selective_scan_step, selective_scan_weights
 
 B, T, N, K, H, F = 2, 11, 4, 2, 3, 5
 SEGMENTS = np.array([[0] * 11, [3, 3, 3, 3, 3, 7, 7, 7, 7, 7, 7]])  # row 1: a boundary inside a chunk of 4
@@ -127,6 +127,16 @@ def test_steps_equal_the_full_scan_and_continue_its_state():
         y, state = step(state, x_t, dt_t, args["a"], b_t, c_t, args["d"])
         np.testing.assert_allclose(y, full[:, t], **TOL)
     np.testing.assert_allclose(state, final, **TOL)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weights_applied_to_x_reproduce_the_scan(per_channel):
+    args = {k: jnp.asarray(v, jnp.float32) for k, v in _inputs(7, per_channel).items() if k != "state"}
+    packing = dict(segment_ids=jnp.asarray(SEGMENTS), lengths=jnp.asarray(LENGTHS))
+    y = selective_scan(**args, **packing, implementation="sequential")
+    weights = selective_scan_weights(args["dt"], args["a"], args["b"], args["c"], args["d"], **packing)
+    assert weights.shape == (B, N, T, T)
+    np.testing.assert_allclose(jnp.einsum("BNTS,BSNH->BTNH", weights, args["x"]), y, **TOL)
 
 
 def test_bfloat16_inputs_give_bfloat16_outputs_and_a_float32_state():

@@ -51,7 +51,7 @@ Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
 IMPLEMENTATIONS = ("sequential", "associative", "chunked")
 
-__all__ = ["selective_scan", "selective_scan_step", "IMPLEMENTATIONS"]
+__all__ = ["selective_scan", "selective_scan_step", "selective_scan_weights", "IMPLEMENTATIONS"]
 
 
 def _check(x, dt, a, b, c, d, state) -> int:
@@ -259,3 +259,48 @@ def selective_scan_step(
     if d is not None:
         y = y + jnp.asarray(d, jnp.float32)[:, None] * xf
     return y.astype(x.dtype), state
+
+
+def selective_scan_weights(
+    dt: Array,
+    a: Array,
+    b: Array,
+    c: Array,
+    d: Array | None = None,
+    *,
+    segment_ids: Array | None = None,
+    lengths: Array | None = None,
+) -> Array:
+    """The scan as attention: ``W [B, N, T, S]`` float32 with ``y_t = sum_s W[t, s] x_s`` (zero initial state).
+
+    ``W[t, s] = sum_f c_t[f] b_s[f] exp(sum_{s < r <= t} dt_r A[f]) dt_s`` for ``s <= t`` in the same packed
+    document (``+ D`` on the diagonal); Mamba-2's "matrix" form, quadratic in T (for inspection and recording,
+    not for running). Shapes as in :func:`selective_scan`.
+
+    >>> import jax.numpy as jnp
+    >>> ones = jnp.ones((1, 3, 1, 1))                               # b = c = 1: [B, T, K, F]
+    >>> w = selective_scan_weights(jnp.ones((1, 3, 1)), -jnp.ones((1,)), ones, ones)
+    >>> w[0, 0].round(3).tolist()   # decays by exp(-1) per step, causal
+    [[1.0, 0.0, 0.0], [0.368, 1.0, 0.0], [0.135, 0.368, 1.0]]
+    """
+    batch, length, heads = jnp.shape(dt)
+    probe = jax.ShapeDtypeStruct((batch, length, heads, 1), jnp.float32)
+    _check(probe, dt, a, b, c, d, None)
+    runs, valid = check_packing(segment_ids, lengths, batch, length, length)
+    dtf, af = jnp.asarray(dt, jnp.float32), jnp.asarray(a, jnp.float32)
+    if valid is not None:
+        dtf = jnp.where(valid[..., None], dtf, 0.0)
+    bf, cf = _per_head(jnp.asarray(b, jnp.float32), heads), _per_head(jnp.asarray(c, jnp.float32), heads)
+    log_decay = dtf[..., None] * (af[:, None] if af.ndim == 1 else af)  # [B, T, N, 1|F]
+    cum = jnp.moveaxis(jnp.cumsum(log_decay, axis=1), 1, 2)  # [B, N, T, 1|F]
+    allowed = jnp.tril(jnp.ones((length, length), bool))
+    if runs is not None:
+        allowed = allowed & (runs[:, :, None] == runs[:, None, :])
+    allowed = jnp.broadcast_to(allowed, (batch, length, length))[:, None, :, :, None]  # [B, 1, T, S, 1]
+    decay = jnp.exp(jnp.where(allowed, cum[:, :, :, None] - cum[:, :, None, :], -jnp.inf))  # [B, N, T, S, 1|F]
+    decay = jnp.broadcast_to(decay, decay.shape[:4] + cf.shape[-1:])  # [B, N, T, S, F]
+    weights = jnp.einsum("BTNF,BSNF,BNTSF->BNTS", cf, bf, decay, precision=_HI)
+    weights = weights * jnp.moveaxis(dtf, 1, 2)[:, :, None, :]  # dt_s
+    if d is not None:
+        weights = weights + jnp.asarray(d, jnp.float32)[None, :, None, None] * jnp.eye(length)
+    return weights
