@@ -1,4 +1,4 @@
-"""Mamba2 against a float64 transcription of the paper's block, decoding, packing, hybrids and the protocol."""
+"""Mamba and Mamba2 against float64 transcriptions of the papers' blocks, decoding, packing, hybrids, the protocol."""
 
 from __future__ import annotations
 
@@ -11,28 +11,55 @@ import pytest
 from flax import nnx
 
 import attention_jax as aj
-from attention_jax.nn import Mamba2, SSMCache
+from attention_jax.nn import Mamba, Mamba2, SSMCache
 
 D, HEAD, STATE, GROUPS, WIDTH = 16, 4, 3, 2, 4
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _layer(seed: int = 0, **options) -> Mamba2:
+def _layer(seed: int = 0, kind: str = "mamba2", **options) -> Mamba | Mamba2:
+    if kind == "mamba":
+        return Mamba(D, state_dim=STATE, dt_rank=3, conv_width=WIDTH, rngs=nnx.Rngs(seed), **options)
     options = dict(head_dim=HEAD, state_dim=STATE, num_groups=GROUPS, conv_width=WIDTH, chunk_size=4) | options
     return Mamba2(D, rngs=nnx.Rngs(seed), **options)
+
+
+def _silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def _conv64(layer, u: np.ndarray) -> np.ndarray:
+    """``silu`` of the causal depthwise convolution of ``u [T, C]`` in float64."""
+    w, bias = np.asarray(layer.conv_weight[...], np.float64), np.asarray(layer.conv_bias[...], np.float64)
+    padded = np.concatenate([np.zeros((WIDTH - 1, u.shape[1])), u])
+    return _silu(np.stack([(padded[t : t + WIDTH] * w).sum(0) + bias for t in range(len(u))]))
+
+
+def _mamba64(layer: Mamba, x: np.ndarray) -> np.ndarray:
+    """The Mamba block in float64, token by token, from the paper (one sequence ``x [T, D]``)."""
+    p = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+    e, f, r = layer.inner, STATE, layer.dt_rank
+    xz = x @ p(layer.in_proj.kernel)
+    u, z = _conv64(layer, xz[:, :e]), xz[:, e:]
+    low = u @ p(layer.x_proj.kernel)
+    dt = np.log1p(np.exp(low[:, :r] @ p(layer.dt_proj.kernel) + p(layer.dt_proj.bias)))  # [T, E]
+    bs, cs = low[:, r : r + f], low[:, r + f :]
+    a = -np.exp(p(layer.a_log))  # [E, F]
+    h = np.zeros((e, f))
+    ys = []
+    for t in range(len(x)):
+        h = np.exp(dt[t][:, None] * a) * h + (dt[t] * u[t])[:, None] * bs[t][None]
+        ys.append(h @ cs[t] + p(layer.d) * u[t])
+    return (np.stack(ys) * _silu(z)) @ p(layer.out_proj.kernel)
 
 
 def _block64(layer: Mamba2, x: np.ndarray) -> np.ndarray:
     """The Mamba-2 block in float64, token by token, from the paper (one sequence ``x [T, D]``)."""
     p = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
     e, n, k, f = layer.inner, layer.num_heads, GROUPS, STATE
     proj = x @ p(layer.in_proj.kernel)
     z, xbc, dt = proj[:, :e], proj[:, e : e + layer.conv_channels], proj[:, e + layer.conv_channels :]
-    w, bias = p(layer.conv_weight), p(layer.conv_bias)
-    padded = np.concatenate([np.zeros((WIDTH - 1, xbc.shape[1])), xbc])
-    conv = np.stack([(padded[t : t + WIDTH] * w).sum(0) + bias for t in range(len(x))])
-    xbc = silu(conv)
+    xbc = _conv64(layer, xbc)
     xs, bs, cs = xbc[:, :e].reshape(-1, n, HEAD), xbc[:, e : e + k * f], xbc[:, e + k * f :]
     bs, cs = bs.reshape(-1, k, f), cs.reshape(-1, k, f)
     dt = np.log1p(np.exp(dt + p(layer.dt_bias)))
@@ -44,7 +71,7 @@ def _block64(layer: Mamba2, x: np.ndarray) -> np.ndarray:
             g = head // (n // k)
             h[head] = np.exp(dt[t, head] * a[head]) * h[head] + dt[t, head] * np.outer(xs[t, head], bs[t, g])
         ys.append(np.einsum("NHF,NF->NH", h, cs[t, np.arange(n) // (n // k)]) + p(layer.d)[:, None] * xs[t])
-    y = np.stack(ys).reshape(len(x), e) * silu(z)
+    y = np.stack(ys).reshape(len(x), e) * _silu(z)
     y = y.reshape(len(x), k, -1)
     y = (y / np.sqrt((y**2).mean(-1, keepdims=True) + layer.norm_epsilon)).reshape(len(x), e) * p(layer.norm_scale)
     return y @ p(layer.out_proj.kernel)
@@ -55,18 +82,20 @@ def _forward(layer, x, segment_ids=None, lengths=None):
     return layer(x, segment_ids=segment_ids, lengths=lengths)
 
 
-def test_matches_the_float64_block():
-    layer = _layer()
+@pytest.mark.parametrize("kind", ["mamba2", "mamba"])
+def test_matches_the_float64_block(kind):
+    layer = _layer(0, kind)
     x = np.random.default_rng(0).normal(size=(2, 7, D))
     y = _forward(layer, jnp.asarray(x, jnp.float32))
     assert y.shape == (2, 7, D) and y.dtype == jnp.float32
+    block64 = _block64 if kind == "mamba2" else _mamba64
     for row in range(2):
-        np.testing.assert_allclose(y[row], _block64(layer, x[row]), **TOL)
+        np.testing.assert_allclose(y[row], block64(layer, x[row]), **TOL)
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "sequential"])
-def test_prefill_then_decode_equals_the_full_forward_with_ragged_rows(implementation):
-    layer = _layer(1, implementation=implementation)
+@pytest.mark.parametrize("kind,implementation", [("mamba2", "chunked"), ("mamba2", "sequential"), ("mamba", None)])
+def test_prefill_then_decode_equals_the_full_forward_with_ragged_rows(kind, implementation):
+    layer = _layer(1, kind, implementation=implementation)
     x = jax.random.normal(jax.random.key(0), (2, 9, D))
     full = _forward(layer, x)
     step = jax.jit(lambda layer, x, cache, lengths=None: layer(x, cache=cache, lengths=lengths))
@@ -85,8 +114,9 @@ def test_prefill_then_decode_equals_the_full_forward_with_ragged_rows(implementa
     assert cache.lengths.tolist() == positions.tolist()
 
 
-def test_packed_documents_equal_running_them_alone():
-    layer = _layer(2)
+@pytest.mark.parametrize("kind", ["mamba2", "mamba"])
+def test_packed_documents_equal_running_them_alone(kind):
+    layer = _layer(2, kind)
     x = jax.random.normal(jax.random.key(1), (1, 9, D))
     packed = _forward(layer, x, segment_ids=jnp.array([[4, 4, 4, 4, 4, 1, 1, 1, 1]]))
     np.testing.assert_allclose(packed[:, :5], _forward(layer, x[:, :5]), **TOL)
@@ -142,4 +172,8 @@ def test_protocol_errors_name_the_module_and_argument():
         layer(x, cache=aj.cache.KVCache.create(1, 8, num_kv_heads=1, head_dim=4))
     with pytest.raises(ValueError, match="head_dim"):
         Mamba2(D, head_dim=5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="chunked"):
+        Mamba(D, implementation="chunked", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="Mamba cannot take mask"):
+        _layer(0, "mamba")(x, mask=aj.masks.sliding_window(2))
     assert isinstance(layer, aj.nn.AttentionLayer) and isinstance(layer.init_cache(1, 8), SSMCache)
