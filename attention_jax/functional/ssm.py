@@ -132,36 +132,49 @@ def _associative(x, dt, a, b, c, runs, state):
 
 
 def _chunked(x, dt, a, b, c, runs, state, chunk_size):
-    """Mamba-2's SSD form: within a chunk ``y_t = sum_{s <= t} exp(cum_t - cum_s) (c_t . b_s) dt_s x_s`` plus the
-    carried state decayed by ``exp(cum_t)``, where ``cum`` is the running sum of ``dt * A`` in the chunk."""
+    """Mamba-2's SSD form over ``C`` chunks of ``L`` tokens, ``cum`` being the running sum of ``dt * A`` in a chunk.
+
+    Everything but a ``C``-step recurrence of states is batched over the chunks, as large matmuls:
+
+    1. inside each chunk, ``y_t = sum_{s <= t} exp(cum_t - cum_s) (c_t . b_s) dt_s x_s`` (attention-like);
+    2. each chunk's own contribution to the state at its end;
+    3. the states at the chunk boundaries, by an associative scan over chunks;
+    4. what each token reads of the state before its chunk, decayed by ``exp(cum_t)``.
+
+    Packed runs: a pair ``(t, s)`` counts only within one run; the state before a chunk reaches the tokens
+    of its run only (``previous``), and a chunk passes it on only if its last token is still in that run.
+    """
     length = x.shape[1]
-    tril = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
-
-    def chunk_step(h, chunk):
-        x_c, dt_c, b_c, c_c, r_c, previous = chunk  # [B, L, N, H], [B, L, N], [B, L, N, F] x2, [B, L], [B]
-        cum = jnp.cumsum(dt_c * a, axis=1)  # [B, L, N] log decay from the chunk start
-        same_run = tril & (r_c[:, :, None] == r_c[:, None, :])  # [B, L, M]
-        cum_n = jnp.moveaxis(cum, 1, 2)  # [B, N, L]
-        # Decay from s to t; masked before exp, so pairs with s > t (positive gaps) never overflow.
-        gap = jnp.where(same_run[:, None], cum_n[..., :, None] - cum_n[..., None, :], -jnp.inf)  # [B, N, L, M]
-        scores = jnp.einsum("BLNF,BMNF->BNLM", c_c, b_c, precision=_HI) * jnp.exp(gap)  # [B, N, L, M]
-        y = jnp.einsum("BNLM,BMNH->BLNH", scores, dt_c[..., None] * x_c, precision=_HI)
-        sees_state = (r_c == previous[:, None])[..., None]  # [B, L, 1]
-        carried = jnp.where(sees_state, jnp.exp(cum), 0.0)  # [B, L, N]
-        y = y + carried[..., None] * jnp.einsum("BNHF,BLNF->BLNH", h, c_c, precision=_HI)
-        # The state after the chunk: the last run's tokens, decayed to the chunk end, plus the carried state
-        # if that run continues it.
-        last = r_c[:, -1:]  # [B, 1]
-        to_end = jnp.where((r_c == last)[..., None], jnp.exp(cum[:, -1:] - cum), 0.0)  # [B, L, N]
-        h_new = jnp.einsum("BLN,BLNH,BLNF->BNHF", to_end * dt_c, x_c, b_c, precision=_HI)
-        keep = jnp.where(last[:, 0] == previous, 1.0, 0.0)[:, None, None, None]
-        h_new = h_new + keep * jnp.exp(cum[:, -1])[..., None, None] * h
-        return h_new, y
-
     # Zero padding: dt = 0 neither decays nor adds, so the padded tail leaves the state as it was.
-    chunks = tuple(to_chunks(v, chunk_size) for v in (x, dt, b, c))
-    state, y = jax.lax.scan(chunk_step, state, chunks + chunk_runs(runs, chunk_size))
-    return from_chunks(y, length), state
+    x_c, dt_c, b_c, c_c = (to_chunks(v, chunk_size) for v in (x, dt, b, c))  # [C, B, L, ...]
+    r_c, previous = chunk_runs(runs, chunk_size)  # [C, B, L], [C, B]
+    cum = jnp.cumsum(dt_c * a, axis=2)  # [C, B, L, N] log decay from the chunk start
+    cum_n = jnp.moveaxis(cum, 2, 3)  # [C, B, N, L]
+    tril = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    same_run = tril & (r_c[..., :, None] == r_c[..., None, :])  # [C, B, L, M]
+    # 1. Decay from s to t, masked before exp so that pairs with s > t (positive gaps) never overflow.
+    gap = jnp.where(same_run[:, :, None], cum_n[..., :, None] - cum_n[..., None, :], -jnp.inf)  # [C, B, N, L, M]
+    scores = jnp.einsum("CBLNF,CBMNF->CBNLM", c_c, b_c, precision=_HI) * jnp.exp(gap)
+    inputs = dt_c[..., None] * x_c  # [C, B, L, N, H]
+    y = jnp.einsum("CBNLM,CBMNH->CBLNH", scores, inputs, precision=_HI)
+    # 2. The chunk's last run, decayed to the chunk end.
+    last = r_c[..., -1:]  # [C, B, 1]
+    to_end = jnp.where((r_c == last)[..., None], jnp.exp(cum[:, :, -1:] - cum), 0.0)  # [C, B, L, N]
+    own = jnp.einsum("CBLN,CBLNH,CBLNF->CBNHF", to_end, inputs, b_c, precision=_HI)
+    # 3. h_end[i] = pass[i] * h_end[i - 1] + own[i], with h_end[-1] = state; pass[i] is 0 where a run ends.
+    passes = jnp.where((last[..., 0] == previous)[..., None], jnp.exp(cum[:, :, -1]), 0.0)[..., None, None]
+    own = own.at[0].add(passes[0] * state)
+
+    def combine(left, right):
+        (p1, h1), (p2, h2) = left, right
+        return p1 * p2, p2 * h1 + h2
+
+    _, ends = jax.lax.associative_scan(combine, (passes, own), axis=0)  # [C, B, N, H, F]
+    starts = jnp.concatenate([state[None], ends[:-1]], axis=0)  # the state before each chunk
+    # 4. Tokens of the run the carried state belongs to read it, decayed from the chunk start.
+    carried = jnp.where((r_c == previous[..., None])[..., None], jnp.exp(cum), 0.0)  # [C, B, L, N]
+    y = y + carried[..., None] * jnp.einsum("CBNHF,CBLNF->CBLNH", starts, c_c, precision=_HI)
+    return from_chunks(y, length), ends[-1]
 
 
 def selective_scan(
