@@ -28,11 +28,15 @@ def _layer(implementation):
     )  # fmt: skip
 
 
+@nnx.jit
+def _prefill(layer, x, cache, lengths):
+    return layer(x, cache=cache, lengths=lengths)[1]
+
+
 def _prefilled(layer, kind):
     cache = layer.init_cache(2, CAPACITY, kind=kind, page_size=32)
     x = jax.random.normal(jax.random.key(1), (2, max(PROMPT), D))
-    _, cache = layer(x, cache=cache, lengths=jnp.asarray(PROMPT))
-    return cache
+    return _prefill(layer, x, cache, jnp.asarray(PROMPT))  # compiled: run eagerly, the prefill's ops dominate
 
 
 @pytest.mark.parametrize("kind", ["dense", "paged"])
@@ -42,11 +46,17 @@ def test_a_decode_step_visits_only_the_window(kind):
     cache = _prefilled(layer, kind)
     rec.specs.clear()
     token = jax.random.normal(jax.random.key(2), (2, 1, D))
-    layer(token, cache=cache)
-    (spec,) = rec.specs
-    block_map = np.asarray(spec.block_map)  # [B, 1, S / BLOCK_K]
-    s = spec.kv_positions.shape[-1]
-    assert spec.q_positions.shape == (2, 1) and block_map.shape == (2, 1, -(-s // BLOCK_K))
+
+    @nnx.jit
+    def step(layer, token, cache):  # compiled, returning the run-time block map the backend received
+        layer(token, cache=cache)
+        (spec,) = rec.specs
+        return spec.block_map, spec.q_positions, spec.kv_positions
+
+    block_map, q_positions, kv_positions = step(layer, token, cache)
+    block_map = np.asarray(block_map)  # [B, 1, S / BLOCK_K]
+    s = kv_positions.shape[-1]
+    assert q_positions.shape == (2, 1) and block_map.shape == (2, 1, -(-s // BLOCK_K))
     visited = (block_map != EMPTY).sum(axis=-1)[:, 0]
     assert s >= CAPACITY and np.all(visited <= WINDOW // BLOCK_K + 2), visited
     # The window sits where each sequence is: different tiles for the two sequences.

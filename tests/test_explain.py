@@ -351,14 +351,23 @@ def softmax_weights(layer, x, allowed):
     return w / w.sum(-1, keepdims=True)
 
 
+@nnx.jit
+def _capture_vit(model, images):
+    """capture, the plain call and the last attention layer's input, in one compiled program (eager ViTs are slow)."""
+    logits, weights = explain.capture(model, images)
+    tokens, _ = explain.layer_gradients(model, lambda out: out.sum(), images)
+    return logits, weights, model(images), tokens
+
+
 @pytest.mark.parametrize("variant", sorted(VIT_ATTENTION))
 def test_capture_records_one_map_per_layer_of_a_vit(variant):
     options = VIT_ATTENTION[variant]
     model = vit_with(functools.partial(aj.nn.MultiHeadAttention, num_heads=2, **options))
     images = jax.random.uniform(jax.random.key(5), (2, 8, 8, 1))
-    logits, weights = explain.capture(model, images)
+    logits, weights, plain, tokens = _capture_vit(model, images)
     assert list(weights) == ["encoder/blocks/0/attention", "encoder/blocks/1/attention"]
-    assert_close(logits, model(images))
+    assert_close(logits, plain)
+    assert all(not block.attention.record_weights for block in model.encoder.blocks)  # flags restored
     allowed = np.ones((5, 5), bool) if not options else np.asarray(options["pattern"].dense(5, 5)).reshape(5, 5)
     if options:
         assert not allowed.all()  # the pattern hides something, so the check below can fail
@@ -367,7 +376,6 @@ def test_capture_records_one_map_per_layer_of_a_vit(variant):
         np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, atol=1e-5)
         assert np.all(np.asarray(w)[..., ~allowed] == 0)
     # The last map against a hand computation from the tokens the last layer received.
-    tokens, _ = explain.layer_gradients(model, lambda out: out.sum(), images)
     last = model.encoder.blocks[1].attention
     np.testing.assert_allclose(weights["encoder/blocks/1/attention"], softmax_weights(last, tokens, allowed),
                                atol=2e-5)
