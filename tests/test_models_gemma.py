@@ -18,7 +18,7 @@ from attention_jax.models import gemma
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from test_models_llama import assert_close, check_generate, check_logits_and_grads, save_tiny  # noqa: E402
+from test_models_llama import assert_close, check_generate, check_logits_and_grads, forward, save_tiny  # noqa: E402
 
 # head_dim 16 with query_pre_attn_scalar 12 (not H) checks the score scale; 3 layers: local, global, local.
 SMALL_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -32,15 +32,18 @@ def load(tmp_path):
     return model, config, lambda m: gemma.entries(m, config)
 
 
-def save_gemma2(tmp_path):
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+    """(transformers model, our model, config, entries): one Gemma 2 checkpoint, saved and loaded once."""
+    path = tmp_path_factory.mktemp("gemma2")
     # Small softcaps so that both caps bend the values (random scores reach a few units).
-    return save_tiny(tmp_path, "Gemma2Config", "Gemma2ForCausalLM", attn_logit_softcapping=2.0,
-                     final_logit_softcapping=3.0, **GEMMA)  # fmt: skip
+    hf = save_tiny(path, "Gemma2Config", "Gemma2ForCausalLM", attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                   **GEMMA)  # fmt: skip
+    return hf, *load(path)
 
 
-def test_gemma2(tmp_path):
-    hf = save_gemma2(tmp_path)
-    model, config, entries_of = load(tmp_path)
+def test_gemma2(gemma2):
+    hf, model, config, entries_of = gemma2
     assert config.sliding_window == 3 and config.layer_types[:2] == ("sliding_attention", "full_attention")
     assert [block.attention.sliding_window for block in model.stack.blocks] == [3, None, 3]
     check_logits_and_grads(model, hf, entries_of)
@@ -48,9 +51,8 @@ def test_gemma2(tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma2_dense_and_paged_caches(tmp_path):
-    hf = save_gemma2(tmp_path)
-    model, _, _ = load(tmp_path)
+def test_gemma2_dense_and_paged_caches(gemma2):
+    hf, model, _, _ = gemma2
     check_generate(model, hf, ["dense", "paged"])
 
 
@@ -81,7 +83,7 @@ def test_round_trip(tmp_path):
     assert gemma.GemmaConfig.from_hf(gemma.read_config(tmp_path)) == config
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     tokens = np.random.default_rng(0).integers(0, 64, (1, 10))
-    assert_close(model(jnp.asarray(tokens, jnp.int32)), hf(torch.tensor(tokens)).logits.detach().numpy(), "logits")
+    assert_close(forward(model, tokens), hf(torch.tensor(tokens)).logits.detach().numpy(), "logits")
     again = gemma.from_pretrained(tmp_path)
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
@@ -104,7 +106,7 @@ def test_gemma3_multimodal_checkpoint(tmp_path):
     model = gemma.from_pretrained(tmp_path)
     tokens = np.random.default_rng(0).integers(0, 60, (2, 10))
     expected = hf(input_ids=torch.tensor(tokens)).logits.detach().numpy()
-    assert_close(model(jnp.asarray(tokens, jnp.int32)), expected, "logits")
+    assert_close(forward(model, tokens), expected, "logits")
 
 
 def test_bad_config():

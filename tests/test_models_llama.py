@@ -97,6 +97,10 @@ def check_generate(model, hf, kinds, seed: int = 1, new: int = 8, lengths=(9, 5)
         np.testing.assert_array_equal(np.asarray(got), np.stack(expected), err_msg=f"cache_kind={kind}")
 
 
+# A jitted forward: a model run eagerly compiles each of its hundreds of ops alone, many times the cost of one program.
+forward = nnx.jit(lambda model, tokens: model(jnp.asarray(tokens, jnp.int32)))
+
+
 def load(tmp_path):
     model = llama.from_pretrained(tmp_path)
     config = llama.LlamaConfig.from_hf(llama.read_config(tmp_path))
@@ -107,12 +111,27 @@ LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500_000.0, factor=8.0, low_fre
                    original_max_position_embeddings=16)  # fmt: skip
 
 
-def test_llama3(tmp_path):
-    hf = save_tiny(tmp_path, "LlamaConfig", "LlamaForCausalLM", rope_scaling=LLAMA3_ROPE)
-    model, config, entries_of = load(tmp_path)
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    """(directory, transformers model) of a Llama 3 checkpoint, saved once for the tests that read it."""
+    path = tmp_path_factory.mktemp("llama3")
+    return path, save_tiny(path, "LlamaConfig", "LlamaForCausalLM", rope_scaling=LLAMA3_ROPE)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    """(directory, transformers model) of a Qwen2 checkpoint with a tied head, saved once."""
+    path = tmp_path_factory.mktemp("qwen2")
+    return path, save_tiny(path, "Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True)
+
+
+def test_llama3(llama3):
+    path, hf = llama3
+    model, config, entries_of = load(path)
     assert isinstance(config.rope.scaling, aj.positional.Llama3Scaling) and not config.tie_embeddings
     check_logits_and_grads(model, hf, entries_of)
-    check_generate(model, hf, ["dense", "paged"])
+    # The paged cache is checked with a window below (and without one in test_generate.py): dense suffices here.
+    check_generate(model, hf, ["dense"])
 
 
 def test_mistral_sliding_window(tmp_path):
@@ -125,9 +144,9 @@ def test_mistral_sliding_window(tmp_path):
     check_generate(model, hf, ["dense", "rolling", "paged"])
 
 
-def test_qwen2_qkv_bias_tied(tmp_path):
-    hf = save_tiny(tmp_path, "Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True)
-    model, config, entries_of = load(tmp_path)
+def test_qwen2_qkv_bias_tied(qwen2):
+    path, hf = qwen2
+    model, config, entries_of = load(path)
     attention = model.stack.blocks[0].attention
     assert attention.query.bias is not None and attention.out.bias is None and model.head is None
     check_logits_and_grads(model, hf, entries_of)
@@ -159,13 +178,13 @@ def test_round_trip(tmp_path):
     again = llama.from_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     tokens = np.random.default_rng(0).integers(0, 64, (1, 10))
-    assert_close(model(jnp.asarray(tokens, jnp.int32)), hf(torch.tensor(tokens)).logits.detach().numpy(), "logits")
+    assert_close(forward(model, tokens), hf(torch.tensor(tokens)).logits.detach().numpy(), "logits")
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_bad_checkpoint(tmp_path):
-    save_tiny(tmp_path, "LlamaConfig", "LlamaForCausalLM")
+def test_bad_checkpoint(llama3):
+    tmp_path, _ = llama3
     with pytest.raises(ValueError, match="rope_type"):
         llama.LlamaConfig.from_hf(dict(llama.read_config(tmp_path), rope_parameters=dict(rope_type="dynamic")))
     with pytest.raises(ValueError, match="model_type"):
@@ -178,9 +197,9 @@ def test_bad_checkpoint(tmp_path):
         llama.load(llama.entries(model, config), weights)
 
 
-def test_sharded_bfloat16_checkpoint(tmp_path):
+def test_sharded_bfloat16_checkpoint(qwen2, tmp_path):
     """A bfloat16 checkpoint in several shards loads exactly (upcast) and runs in bfloat16 too."""
-    hf = save_tiny(tmp_path / "f32", "Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True)
+    hf = copy.deepcopy(qwen2[1])  # the shared model stays float32
     with torch.no_grad():  # the reference: float32 with bfloat16-rounded weights (RoPE buffers stay float32)
         for p in hf.parameters():
             p.copy_(p.bfloat16().float())
@@ -189,9 +208,9 @@ def test_sharded_bfloat16_checkpoint(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 64, (2, 10))
     expected = hf(torch.tensor(tokens)).logits.detach().numpy()
     model = llama.from_pretrained(tmp_path / "bf16")
-    assert_close(model(jnp.asarray(tokens, jnp.int32)), expected, "logits")
+    assert_close(forward(model, tokens), expected, "logits")
     half = llama.from_pretrained(tmp_path / "bf16", dtype=jnp.bfloat16)
-    logits = half(jnp.asarray(tokens, jnp.int32))
+    logits = forward(half, tokens)
     assert logits.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(logits, np.float32), expected, atol=0.1 * np.abs(expected).max())
 
