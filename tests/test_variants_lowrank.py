@@ -111,21 +111,42 @@ def test_linformer_lengths_equal_the_real_tokens_alone():
     layer = _layers()[0]
     x = randn(10, 2, 10, 16)
     lengths = jnp.array([10, 6])
-    padded = nnx.jit(lambda layer, x, n: layer(x, lengths=n))(layer, x, lengths)
-    assert_close(padded[1, :6], layer(x[1:, :6])[0])  # E[:, :6], the 6 real keys
-    assert_close(padded[0], layer(x[:1])[0])
+    # One compiled program: the padded batch and each row alone.
+    padded, short, full = nnx.jit(lambda layer, x, n: (layer(x, lengths=n), layer(x[1:, :6]), layer(x[:1])))(
+        layer, x, lengths
+    )
+    assert_close(padded[1, :6], short[0])  # E[:, :6], the 6 real keys
+    assert_close(padded[0], full[0])
+
+
+@nnx.jit
+def _cross_attention_and_functional(linformer, nystrom, x, context):
+    """Each module's cross-attention and the functional op on its own projections, in one compiled program."""
+    q, k, v = linformer.query(x), linformer.key(context), linformer.value(context)
+    e, f = linformer.key_projection[...][:, :8], linformer.value_projection[...][:, :8]
+    expected_linformer = linformer.out(linformer_attention(q, k, v, key_projection=e, value_projection=f))
+    q, k, v = nystrom.query(x), nystrom.key(context), nystrom.value(context)
+    expected_nystrom = nystrom.out(nystrom_attention(q, k, v, num_landmarks=2, pinv_iterations=8))
+    return linformer(x, context), expected_linformer, nystrom(x, context), expected_nystrom
 
 
 def test_cross_attention_matches_the_functional_ops():
     linformer, nystrom = _layers()
     x, context = randn(11, 2, 4, 16), randn(12, 2, 8, 16)
-    q, k, v = linformer.query(x), linformer.key(context), linformer.value(context)
-    e, f = linformer.key_projection[...][:, :8], linformer.value_projection[...][:, :8]
-    expected = linformer.out(linformer_attention(q, k, v, key_projection=e, value_projection=f))
-    assert_close(linformer(x, context), expected)
-    q, k, v = nystrom.query(x), nystrom.key(context), nystrom.value(context)
-    expected = nystrom.out(nystrom_attention(q, k, v, num_landmarks=2, pinv_iterations=8))
-    assert_close(nystrom(x, context), expected)
+    ours_linformer, expected_linformer, ours_nystrom, expected_nystrom = _cross_attention_and_functional(
+        linformer, nystrom, x, context
+    )
+    assert_close(ours_linformer, expected_linformer)
+    assert_close(ours_nystrom, expected_nystrom)
+
+
+@nnx.jit
+def _recorded(layer, x, kwargs):
+    """The output, the recorded weights and those weights applied to the values, in one compiled program."""
+    with aj.nn.record_attention_weights(layer):
+        y, recorded = nnx.capture(layer, nnx.Intermediate)(x, **kwargs)
+    (weights,) = recorded["attention_weights"]
+    return y, weights, layer.out(weighted_values(weights, layer.value(x)))
 
 
 def test_recorded_weights_reproduce_the_output():
@@ -134,11 +155,9 @@ def test_recorded_weights_reproduce_the_output():
     lengths = jnp.array([8, 5])
     for layer in _layers():
         kwargs = dict(lengths=lengths) if isinstance(layer, Linformer) else {}
-        with aj.nn.record_attention_weights(layer):
-            y, recorded = nnx.capture(layer, nnx.Intermediate)(x, **kwargs)
-        (weights,) = recorded["attention_weights"]
+        y, weights, reapplied = _recorded(layer, x, kwargs)
         chex.assert_shape(weights, (2, 4, 8, 8))
-        assert_close(layer.out(weighted_values(weights, layer.value(x))), y)
+        assert_close(reapplied, y)
         if kwargs:
             assert float(jnp.abs(weights[1, :, :, 5:]).max()) == 0.0  # padded keys get no weight
 
