@@ -51,9 +51,10 @@ def test_gemma2(gemma2):
 
 
 @pytest.mark.slow
-def test_gemma2_dense_and_paged_caches(gemma2):
+def test_gemma2_paged_cache(gemma2):
+    # The alternating windows over a full-length cache (the dense cache: every other model test, Mistral's window).
     hf, model, _, _ = gemma2
-    check_generate(model, hf, ["dense", "paged"])
+    check_generate(model, hf, ["paged"])
 
 
 def test_gemma3(tmp_path):
