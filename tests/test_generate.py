@@ -23,11 +23,14 @@ def _lm(window=None):
     return aj.nn.TransformerLM(V, D, 2, attention=attention, rngs=nnx.Rngs(0))
 
 
+# One jitted forward for every oracle run: tests of the same model (and shape) reuse its compiled program.
+_run = nnx.jit(lambda m, t: m(t))
+
+
 def _greedy_by_full_forward(lm, prompt, lengths, forward=None):
     """The oracle: append the argmax of the last real position and re-run the whole sequence."""
     if forward is None:
-        run = nnx.jit(lambda m, t: m(t))
-        forward = lambda t: run(lm, t)
+        forward = lambda t: _run(lm, t)
     out = []
     for b, length in enumerate(lengths):
         seq = list(np.asarray(prompt[b, :length]))
