@@ -198,11 +198,12 @@ def test_stack_masks_may_carry_arrays():
     ids = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
     tokens = jax.random.randint(jax.random.key(3), (1, 8), 0, V)
     lm = aj.nn.TransformerLM(V, D, 1, num_heads=2, mask=aj.masks.causal() & aj.masks.segments(ids), rngs=nnx.Rngs(0))
-    packed = nnx.jit(lambda m, t: m(t))(lm, tokens)
     plain = aj.nn.TransformerLM(V, D, 1, num_heads=2, rngs=nnx.Rngs(0))
-    np.testing.assert_allclose(packed[:, :3], plain(tokens[:, :3]), atol=2e-5, rtol=2e-5)
     dec = aj.nn.TransformerDecoder(1, D, num_heads=2, mask=aj.masks.causal() & aj.masks.segments(ids), rngs=nnx.Rngs(0))
-    assert dec(jnp.ones((1, 8, D)), jnp.ones((1, 4, D))).shape == (1, 8, D)
+    run = nnx.jit(lambda lm, plain, dec, t: (lm(t), plain(t[:, :3]), dec(jnp.ones((1, 8, D)), jnp.ones((1, 4, D)))))
+    packed, alone, decoded = run(lm, plain, dec, tokens)
+    np.testing.assert_allclose(packed[:, :3], alone, atol=2e-5, rtol=2e-5)
+    assert decoded.shape == (1, 8, D)
 
 
 @pytest.mark.parametrize("position", ["pre", "post", "sandwich"])
@@ -239,20 +240,24 @@ def test_offset_rms_norm_is_rms_norm_with_one_plus_w():
 
 
 def test_lm_learned_positions_scale_and_softcap_decode_like_the_full_forward():
-    lm = aj.nn.TransformerLM(V, D, 2, num_heads=2, position_embedding=16, embedding_scale=D**0.5, logit_softcap=3.0,
-                             tie_embeddings=False, rngs=nnx.Rngs(0))  # fmt: skip
+    make = functools.partial(aj.nn.TransformerLM, V, D, 2, num_heads=2, position_embedding=16, embedding_scale=D**0.5,
+                             tie_embeddings=False)  # fmt: skip
+    lm, raw_lm = make(logit_softcap=3.0, rngs=nnx.Rngs(0)), make(rngs=nnx.Rngs(0))  # the same weights
     assert lm.stack.blocks[0].attention.rope is None  # absolute positions replace RoPE by default
     tokens = jax.random.randint(jax.random.key(7), (2, 10), 0, V)
-    full = lm(tokens)
-    assert float(jnp.abs(full).max()) < 3.0
-    raw = aj.nn.TransformerLM(V, D, 2, num_heads=2, position_embedding=16, embedding_scale=D**0.5,
-                              tie_embeddings=False, rngs=nnx.Rngs(0))(tokens)  # fmt: skip
-    np.testing.assert_allclose(full, 3.0 * jnp.tanh(raw / 3.0), atol=2e-5, rtol=2e-5)
     lengths = jnp.array([4, 7])
-    logits, cache = lm(tokens[:, :7], cache=lm.init_cache(2, 12), lengths=lengths)
     rows = jnp.arange(2)
+
+    @nnx.jit  # one program: the eager forward passes of a two-layer LM cost five times more
+    def run(lm, raw_lm, tokens, lengths):
+        logits, cache = lm(tokens[:, :7], cache=lm.init_cache(2, 12), lengths=lengths)
+        step, _ = lm(tokens[rows, lengths][:, None], cache=cache)
+        return lm(tokens), raw_lm(tokens), logits, step
+
+    full, raw, logits, step = run(lm, raw_lm, tokens, lengths)
+    assert float(jnp.abs(full).max()) < 3.0
+    np.testing.assert_allclose(full, 3.0 * jnp.tanh(raw / 3.0), atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(logits[rows, lengths - 1], full[rows, lengths - 1], atol=5e-5, rtol=5e-5)
-    step, _ = lm(tokens[rows, lengths][:, None], cache=cache)
     np.testing.assert_allclose(step[:, 0], full[rows, lengths], atol=5e-5, rtol=5e-5)
 
 
@@ -264,7 +269,7 @@ def test_per_projection_biases():
     x = jax.random.normal(jax.random.key(8), (1, 4, D))
     no_key_bias = nnx.merge(*nnx.split(layer))
     no_key_bias.key.bias[...] = jnp.zeros_like(layer.key.bias[...])
-    np.testing.assert_allclose(layer(x), no_key_bias(x), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(*nnx.jit(lambda a, b, x: (a(x), b(x)))(layer, no_key_bias, x), atol=2e-5, rtol=2e-5)
     assert aj.nn.MultiHeadAttention(D, num_heads=2, use_bias=True, out_bias=False, rngs=nnx.Rngs(0)).out.bias is None
 
 

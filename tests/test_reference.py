@@ -59,9 +59,9 @@ def test_bias_softcap_scale_and_score_mods():
     slopes = positional.alibi_slopes(n)
     table = jax.random.normal(jax.random.key(3), (16, n))
     mod = score_mods.compose(score_mods.alibi(slopes), score_mods.relative_position_bias(table, 16, 32, True))
-    out, lse = aj.dot_product_attention(
+    out, lse = jax.jit(lambda q, key, v, bias: aj.dot_product_attention(
         q, key, v, bias=bias, scale=0.3, softcap=5.0, score_mod=mod, mask=masks.causal(), return_lse=True
-    )
+    ))(q, key, v, bias)  # fmt: skip
     buckets = np.asarray(
         positional.t5_relative_buckets(jnp.arange(S)[None] - jnp.arange(T)[:, None], num_buckets=16, max_distance=32)
     )
@@ -102,15 +102,18 @@ def test_fully_masked_rows_are_zero_with_zero_gradients():
     q, key, v = random_qkv(6, b=2, t=6, s=5, n=2, h=8)
     mask = masks.padding(q_lengths=jnp.array([4, 6]), kv_lengths=jnp.array([5, 0]))
 
+    def attend(q, key, v):
+        return aj.dot_product_attention(q, key, v, mask=mask, return_lse=True)
+
     def loss(q, key, v):
-        out, lse = aj.dot_product_attention(q, key, v, mask=mask, return_lse=True)
+        out, lse = attend(q, key, v)
         return jnp.sum(out**2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-    out, lse = aj.dot_product_attention(q, key, v, mask=mask, return_lse=True)
+    # One program for the outputs and the gradients (eager dispatch of the ops costs more than compiling them).
+    (out, lse), grads = jax.jit(lambda *a: (attend(*a), jax.grad(loss, argnums=(0, 1, 2))(*a)))(q, key, v)
     np.testing.assert_array_equal(out[0, 4:], 0.0)
     np.testing.assert_array_equal(out[1], 0.0)
     assert np.all(np.isneginf(lse[1])) and np.all(np.isneginf(lse[0, :, 4:]))
-    grads = jax.grad(loss, argnums=(0, 1, 2))(q, key, v)
     for g in grads:
         assert np.all(np.isfinite(g))
     np.testing.assert_array_equal(grads[0][0, 4:], 0.0)
@@ -123,11 +126,12 @@ def test_gradients_match_float64_finite_differences():
     q, key, v = (np.asarray(x, np.float64) for x in (q, key, v))
     mask = masks.causal(offset=1)
 
+    @jax.jit  # one float64 compilation serves the six perturbed evaluations
     def loss(q, key, v):
         return jnp.sum(jnp.sin(aj.dot_product_attention(q, key, v, mask=mask)))
 
     with jax.enable_x64(True):
-        analytic = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(q), jnp.asarray(key), jnp.asarray(v))
+        analytic = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jnp.asarray(q), jnp.asarray(key), jnp.asarray(v))
         for arg, grad in zip(range(3), analytic):
             args = [jnp.asarray(x) for x in (q, key, v)]
             direction = np.random.default_rng(arg).normal(size=args[arg].shape)
@@ -143,34 +147,57 @@ def test_gradients_match_float64_finite_differences():
 # ---- laws of attention, as property tests ---------------------------------------------------------------
 
 
+# Each example draws new shapes: numpy inputs and one jitted program per example (eager dispatch would
+# compile every op of the attention anew for each shape).
+
+
+def numpy_qkv(seed, t, s, n, k, h):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((1, t, n, h), (1, s, k, h),
+                                                                                    (1, s, k, h)))  # fmt: skip
+
+
+@jax.jit
+def _attend_with_permuted_queries(q, key, v, perm):
+    return aj.dot_product_attention(q, key, v), aj.dot_product_attention(q[:, perm], key, v)
+
+
+@jax.jit
+def _attend_with_permuted_keys(q, key, v, perm):
+    return aj.dot_product_attention(q, key, v), aj.dot_product_attention(q, key[:, perm], v[:, perm])
+
+
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), t=st.integers(1, 9), s=st.integers(1, 9))
 def test_permuting_queries_permutes_output_rows(seed, t, s):
-    q, key, v = random_qkv(seed, b=1, t=t, s=s, n=2, k=1, h=4)
+    q, key, v = numpy_qkv(seed, t, s, n=2, k=1, h=4)
     perm = np.random.default_rng(seed).permutation(t)
-    out = aj.dot_product_attention(q, key, v)
-    out_perm = aj.dot_product_attention(q[:, perm], key, v)
+    out, out_perm = _attend_with_permuted_queries(q, key, v, perm)
     assert_close(out_perm, out[:, perm])
 
 
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), t=st.integers(1, 9), s=st.integers(1, 9))
 def test_reordering_key_value_pairs_leaves_output_unchanged(seed, t, s):
-    q, key, v = random_qkv(seed, b=1, t=t, s=s, n=2, k=2, h=4)
+    q, key, v = numpy_qkv(seed, t, s, n=2, k=2, h=4)
     perm = np.random.default_rng(seed + 1).permutation(s)
-    out = aj.dot_product_attention(q, key, v)
-    assert_close(aj.dot_product_attention(q, key[:, perm], v[:, perm]), out)
+    out, out_perm = _attend_with_permuted_keys(q, key, v, perm)
+    assert_close(out_perm, out)
+
+
+@jax.jit
+def _row_gradients(q, key, v, i):  # the row index is data: one compilation for every example
+    def row(key, v):
+        return jnp.sum(jnp.take(aj.dot_product_attention(q, key, v, mask=masks.causal()), i, axis=1))
+
+    return jax.grad(row, argnums=(0, 1))(key, v)
 
 
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**16), i=st.integers(0, 7))
 def test_causal_row_has_no_gradient_from_the_future(seed, i):
-    q, key, v = random_qkv(seed, b=1, t=8, n=2, k=1, h=4)
-
-    def row(key, v):
-        return jnp.sum(aj.dot_product_attention(q, key, v, mask=masks.causal())[:, i])
-
-    dk, dv = jax.grad(row, argnums=(0, 1))(key, v)
+    q, key, v = numpy_qkv(seed, 8, 8, n=2, k=1, h=4)
+    dk, dv = _row_gradients(q, key, v, i)
     np.testing.assert_array_equal(dk[:, i + 1 :], 0.0)
     np.testing.assert_array_equal(dv[:, i + 1 :], 0.0)
     assert np.any(dv[:, : i + 1] != 0.0)
@@ -178,15 +205,15 @@ def test_causal_row_has_no_gradient_from_the_future(seed, i):
 
 def test_gqa_equals_mha_with_repeated_kv():
     q, key, v = random_qkv(8, b=2, t=7, s=9, n=6, k=2, h=8)
-    grouped = aj.dot_product_attention(q, key, v, mask=masks.causal())
-    repeated = aj.dot_product_attention(q, jnp.repeat(key, 3, axis=2), jnp.repeat(v, 3, axis=2), mask=masks.causal())
-    assert_close(grouped, repeated)
+    attend = jax.jit(lambda q, key, v: aj.dot_product_attention(q, key, v, mask=masks.causal()))
+    assert_close(attend(q, key, v), attend(q, jnp.repeat(key, 3, axis=2), jnp.repeat(v, 3, axis=2)))
 
 
 def test_matches_jax_nn_dot_product_attention():
     q, key, v = random_qkv(9, b=2, t=16, n=4, k=2, h=8)
-    ours = aj.dot_product_attention(q, key, v, mask=masks.causal() & masks.sliding_window(5))
-    theirs = jax.nn.dot_product_attention(q, key, v, is_causal=True, local_window_size=(5, 0))
+    ours, theirs = jax.jit(lambda q, key, v: (
+        aj.dot_product_attention(q, key, v, mask=masks.causal() & masks.sliding_window(5)),
+        jax.nn.dot_product_attention(q, key, v, is_causal=True, local_window_size=(5, 0))))(q, key, v)  # fmt: skip
     assert_close(ours, theirs)
 
 
