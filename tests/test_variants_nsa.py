@@ -138,15 +138,19 @@ def _layer(**options):
 
 @functools.partial(nnx.jit, static_argnames=("steps", "kind", "quantized"))
 def _full_and_decode(layer, seq, prompt, lengths, steps, kind="dense", quantized=False):
+    """One program: the full forward, the prefill, ``steps`` decode steps (one traced step in a scan), and
+    the padded prompt without a cache."""
     full = layer(seq)
     cache = layer.init_cache(seq.shape[0], prompt.shape[1] + steps, kind=kind, quantized=quantized, page_size=4)
     first, cache = layer(prompt, cache=cache, lengths=lengths)
-    outs = []
-    for j in range(steps):
+
+    def step(cache, j):
         token = jnp.take_along_axis(seq, (lengths + j)[:, None, None], axis=1)  # [B, 1, D]
         y, cache = layer(token, cache=cache)
-        outs.append(y[:, 0])
-    return full, first, jnp.stack(outs, axis=1), cache
+        return cache, y[:, 0]
+
+    cache, outs = jax.lax.scan(step, cache, jnp.arange(steps))
+    return full, first, jnp.moveaxis(outs, 0, 1), cache, layer(prompt, lengths=lengths)
 
 
 @pytest.mark.parametrize("kind, quantized", [("dense", False), pytest.param("paged", True, marks=pytest.mark.slow)])
@@ -160,7 +164,7 @@ def test_decode_equals_full_forward_with_two_prompt_lengths(kind, quantized):
     real = np.arange(prompt.shape[1])[None, :, None] < np.array(prompt_lengths)[:, None, None]
     prompt = jnp.where(real, prompt, 10 * randn(31, *prompt.shape))  # padding must not leak
     lengths = jnp.asarray(prompt_lengths)
-    full, first, decoded, cache = _full_and_decode(layer, seq, prompt, lengths, steps, kind, quantized)
+    full, first, decoded, cache, padded = _full_and_decode(layer, seq, prompt, lengths, steps, kind, quantized)
     assert isinstance(cache, NSACache)
     cache.check()
     assert cache.lengths.tolist() == [p + steps for p in prompt_lengths]
@@ -168,9 +172,8 @@ def test_decode_equals_full_forward_with_two_prompt_lengths(kind, quantized):
     for b, length in enumerate(prompt_lengths):
         np.testing.assert_allclose(first[b, :length], full[b, :length], **tol)
         np.testing.assert_allclose(decoded[b], full[b, length : length + steps], **tol)
-    # Without a cache, right padding changes no real row either.
-    padded = nnx.jit(lambda layer, x, n: layer(x, lengths=n))(layer, prompt, lengths)
-    assert_close(padded[1, :5], nnx.jit(lambda layer, x: layer(x))(layer, seq[:, :5])[1])
+    # Without a cache, right padding changes no real row either (causal rows: the full forward's).
+    assert_close(padded[1, :5], full[1, :5])
 
 
 def test_recorded_weights_are_causal_and_sum_to_the_gates():
@@ -178,13 +181,19 @@ def test_recorded_weights_are_causal_and_sum_to_the_gates():
     assert isinstance(layer, aj.nn.AttentionLayer)
     assert layer.query.kernel.shape == (16, 4, 4) and layer.out.kernel.shape == (4, 4, 16)
     x = randn(32, 2, 10, 16)
-    with aj.nn.record_attention_weights(layer):
-        y, recorded = nnx.capture(layer, nnx.Intermediate)(x)
-    assert_close(y, layer(x))
-    (weights,) = recorded["attention_weights"]
+
+    @nnx.jit  # one program (eager, the recording call dispatched hundreds of ops)
+    def run(layer, x):
+        with aj.nn.record_attention_weights(layer):
+            y, recorded = nnx.capture(layer, nnx.Intermediate)(x)
+        return y, recorded["attention_weights"], layer(x), layer.gates(x)
+
+    y, (weights,), plain, gates = run(layer, x)
+    assert not layer.record_weights
+    assert_close(y, plain)
     chex.assert_shape(weights, (2, 4, 10, 10))
     assert float(jnp.abs(jnp.triu(weights, 1)).max()) == 0.0  # nothing after the query
-    gates = jax.nn.sigmoid(layer.gates(x).reshape(2, 10, 4, 3))
+    gates = jax.nn.sigmoid(gates.reshape(2, 10, 4, 3))
     has_block = (np.arange(10) >= CONFIG["compress_block"] - 1)[None, :, None]  # a compressed block is complete
     expected = gates[..., 0] * has_block + gates[..., 1] + gates[..., 2]  # [B, T, N]
     assert_close(weights.sum(-1), jnp.moveaxis(expected, 1, 2))
@@ -203,4 +212,5 @@ def test_unsupported_arguments_raise_naming_module_and_argument():
             layer(x, **kwargs)
     with pytest.raises(ValueError, match="NativeSparseAttention cannot take kind='rolling'"):
         layer.init_cache(2, 8, kind="rolling")
-    chex.assert_shape(layer(x, mask=masks.causal(), positions=jnp.arange(6)), (2, 6, 16))
+    run = nnx.jit(lambda layer, x: layer(x, mask=masks.causal(), positions=jnp.arange(6)))
+    chex.assert_shape(run(layer, x), (2, 6, 16))
