@@ -77,7 +77,8 @@ def cdam(
     >>> vit = aj.nn.VisionTransformer(image_size=4, patch_size=2, in_channels=1, num_classes=3, features=8,
     ...                               depth=1, num_heads=2, rngs=nnx.Rngs(0))
     >>> images = jnp.ones((2, 4, 4, 1))
-    >>> aj.explain.cdam(vit, lambda logits: logits[:, 1].sum(), images).shape   # class token + 4 patches
+    >>> scores = nnx.jit(lambda vit, images: aj.explain.cdam(vit, lambda logits: logits[:, 1].sum(), images))
+    >>> scores(vit, images).shape                                               # class token + 4 patches
     (2, 5)
     """
     activations, gradients = layer_gradients(model, score_fn, *args, layer=layer, at="input", call=call, **kwargs)

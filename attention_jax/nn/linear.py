@@ -26,11 +26,12 @@ They implement :class:`attention_jax.nn.AttentionLayer`:
 >>> import attention_jax as aj
 >>> layer = LinearAttention(16, num_heads=2, causal=True, rngs=nnx.Rngs(0))
 >>> x = jnp.ones((2, 6, 16))
->>> layer(x).shape                                              # training: the chunked form
+>>> call = nnx.jit(lambda layer, x, cache=None, lengths=None: layer(x, cache=cache, lengths=lengths))
+>>> call(layer, x).shape                                        # training: the chunked form
 (2, 6, 16)
 >>> cache = layer.init_cache(2, 8)
->>> y, cache = layer(x, cache=cache, lengths=jnp.array([4, 6]))  # prefill right-padded prompts ...
->>> y, cache = layer(x[:, :1], cache=cache)                     # ... then one token at a time
+>>> y, cache = call(layer, x, cache, jnp.array([4, 6]))         # prefill right-padded prompts ...
+>>> y, cache = call(layer, x[:, :1], cache)                     # ... then one token at a time
 >>> y.shape, cache.state.kv.shape, cache.lengths.tolist()       # kv: [B, K, F, Hv], constant size
 ((2, 1, 16), (2, 2, 8, 8), [5, 7])
 """
@@ -299,9 +300,10 @@ class FastWeightProgrammer(_RecurrentHeads):
     >>> from flax import nnx
     >>> layer = FastWeightProgrammer(8, num_heads=2, chunk_size=4, rngs=nnx.Rngs(0))
     >>> x = jnp.ones((1, 6, 8))
-    >>> layer(x, segment_ids=jnp.array([[0, 0, 0, 1, 1, 1]])).shape    # two packed documents
+    >>> call = nnx.jit(lambda layer, x, segment_ids=None, cache=None: layer(x, segment_ids=segment_ids, cache=cache))
+    >>> call(layer, x, jnp.array([[0, 0, 0, 1, 1, 1]])).shape           # two packed documents
     (1, 6, 8)
-    >>> y, cache = layer(x, cache=layer.init_cache(1, 16))
+    >>> y, cache = call(layer, x, cache=layer.init_cache(1, 16))
     >>> cache.state.weights.shape                                       # W: [B, K, F, Hv]
     (1, 2, 4, 4)
     """
@@ -381,7 +383,8 @@ class Performer(_RecurrentHeads):
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> layer = Performer(16, num_heads=2, num_features=32, rngs=nnx.Rngs(0))
-    >>> layer.projection.shape, layer(jnp.ones((1, 5, 16)), jnp.ones((1, 7, 16))).shape   # cross-attention
+    >>> cross = nnx.jit(lambda layer, x, context: layer(x, context))                     # cross-attention
+    >>> layer.projection.shape, cross(layer, jnp.ones((1, 5, 16)), jnp.ones((1, 7, 16))).shape
     ((32, 8), (1, 5, 16))
     """
 

@@ -11,9 +11,10 @@ positional parts).
 >>> import jax.numpy as jnp
 >>> from flax import nnx
 >>> x = jnp.ones((2, 16, 32))
->>> Linformer(32, num_heads=4, max_length=16, projected_length=4, rngs=nnx.Rngs(0))(x).shape
+>>> call = nnx.jit(lambda layer, *inputs: layer(*inputs))                  # one program per shape
+>>> call(Linformer(32, num_heads=4, max_length=16, projected_length=4, rngs=nnx.Rngs(0)), x).shape
 (2, 16, 32)
->>> Nystromformer(32, num_heads=4, num_landmarks=4, rngs=nnx.Rngs(0))(x, jnp.ones((2, 8, 32))).shape
+>>> call(Nystromformer(32, num_heads=4, num_landmarks=4, rngs=nnx.Rngs(0)), x, jnp.ones((2, 8, 32))).shape
 (2, 16, 32)
 """
 

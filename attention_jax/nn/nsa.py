@@ -15,10 +15,11 @@ cache's.
 >>> layer = NativeSparseAttention(32, num_heads=4, num_kv_heads=2, compress_block=4, compress_stride=2,
 ...                               select_block=4, num_selected=2, window=4, rngs=nnx.Rngs(0))
 >>> x = jnp.ones((2, 16, 32))
->>> layer(x).shape
+>>> call = nnx.jit(lambda layer, x, cache=None: layer(x, cache=cache))  # one program per shape
+>>> call(layer, x).shape
 (2, 16, 32)
->>> y, cache = layer(x, cache=layer.init_cache(2, 20))           # prefill ...
->>> y, cache = layer(x[:, :1], cache=cache)                       # ... then one token at a time
+>>> y, cache = call(layer, x, layer.init_cache(2, 20))            # prefill ...
+>>> y, cache = call(layer, x[:, :1], cache)                       # ... then one token at a time
 >>> y.shape, cache.lengths.tolist()
 ((2, 1, 32), [17, 17])
 """

@@ -202,7 +202,7 @@ class TransformerDecoder(_Stack):
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> dec = TransformerDecoder(2, 16, num_heads=2, rngs=nnx.Rngs(0))
-    >>> dec(jnp.ones((1, 4, 16)), jnp.ones((1, 6, 16))).shape
+    >>> nnx.jit(lambda dec, x, context: dec(x, context))(dec, jnp.ones((1, 4, 16)), jnp.ones((1, 6, 16))).shape
     (1, 4, 16)
     """
     )
@@ -281,15 +281,16 @@ class TransformerLM(nnx.Module):
     >>> import attention_jax as aj
     >>> lm = aj.nn.TransformerLM(32, 16, 2, num_heads=2, rngs=nnx.Rngs(0))
     >>> tokens = jnp.zeros((2, 5), jnp.int32)
-    >>> lm(tokens).shape
+    >>> call = nnx.jit(lambda lm, tokens, **kwargs: lm(tokens, **kwargs))       # one program per shape
+    >>> call(lm, tokens).shape
     (2, 5, 32)
-    >>> logits, cache = lm(tokens, cache=lm.init_cache(2, 8))
+    >>> logits, cache = call(lm, tokens, cache=lm.init_cache(2, 8))
     >>> len(cache), int(cache[0].lengths[0])
     (2, 5)
     >>> hybrid = aj.nn.TransformerLM(32, 16, 2, attention=[
     ...     functools.partial(aj.nn.LinearAttention, num_heads=2),
     ...     functools.partial(aj.nn.MultiHeadAttention, num_heads=2)], rngs=nnx.Rngs(0))
-    >>> hybrid(tokens, segment_ids=jnp.array([[0, 0, 1, 1, 1]] * 2)).shape
+    >>> call(hybrid, tokens, segment_ids=jnp.array([[0, 0, 1, 1, 1]] * 2)).shape
     (2, 5, 32)
     """
 
