@@ -39,11 +39,19 @@ def assert_close(actual, expected, dtype=None, grad: bool = False):
     )
 
 
-def random_qkv(seed: int, b=2, t=16, s=None, n=4, k=None, h=16, hv=None, dtype=jnp.float32):
-    """Fresh normal ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]``."""
+def random_qkv(seed: int, b=2, t=16, s=None, n=4, k=None, h=16, hv=None, dtype=jnp.float32, *, host=False):
+    """Fresh normal ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]``.
+
+    ``host=True`` draws them with numpy instead (other values): no XLA compile for each new shape,
+    which is most of the cost where every test has its own shapes.
+    """
     s = t if s is None else s
     k = n if k is None else k
     hv = h if hv is None else hv
+    if host:
+        rng = np.random.default_rng(seed)
+        shapes = (b, t, n, h), (b, s, k, h), (b, s, k, hv)
+        return tuple(jnp.asarray(rng.standard_normal(shape, np.float32).astype(jnp.dtype(dtype))) for shape in shapes)
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
     key = jax.random.normal(kk, (b, s, k, h), jnp.float32).astype(dtype)

@@ -114,13 +114,11 @@ TPU_CASES = {
 
 def _inputs(case: Case, seed: int = 0):
     (n, k), (t, s), (h, hv) = case.heads, case.lengths, case.dims
-    q, key, v = random_qkv(seed, b=B, t=t, s=s, n=n, k=k, h=h, hv=hv, dtype=case.dtype)
-    bias = None
-    if case.bias == "full":
-        bias = jax.random.normal(jax.random.key(seed + 7), (B, n, t, s), jnp.float32)
-    elif case.bias == "row":
-        bias = jax.random.normal(jax.random.key(seed + 7), (1, 1, 1, s), jnp.float32)
-    return q, key, v, bias
+    q, key, v = random_qkv(seed, b=B, t=t, s=s, n=n, k=k, h=h, hv=hv, dtype=case.dtype, host=True)
+    if case.bias is None:
+        return q, key, v, None
+    shape = (B, n, t, s) if case.bias == "full" else (1, 1, 1, s)
+    return q, key, v, jnp.asarray(np.random.default_rng(seed + 7).standard_normal(shape, np.float32))
 
 
 # Interpret mode turns each kernel into XLA loops that are run once, for their values, so compiling
@@ -265,10 +263,10 @@ def test_block_sizes_validation_and_defaults():
 
 
 def test_input_errors():
-    q, key, v = random_qkv(0, b=1, t=16, n=3, k=2, h=32)
+    q, key, v = random_qkv(0, b=1, t=16, n=3, k=2, h=32, host=True)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         flash_attention(q, key, v, interpret=True)
-    q, key, v = random_qkv(0, b=1, t=16, n=2, k=2, h=32)
+    q, key, v = random_qkv(0, b=1, t=16, n=2, k=2, h=32, host=True)
     with pytest.raises(TypeError, match="MaskSpec"):
         flash_attention(q, key, v, mask=masks.causal(), interpret=True)
     with pytest.raises(ValueError, match="bias must be broadcastable"):
@@ -279,7 +277,7 @@ def test_input_errors():
 
 
 def test_dot_product_attention_pallas_gqa_mask():
-    q, key, v = random_qkv(1, b=B, t=37, s=37, n=4, k=2, h=32)
+    q, key, v = random_qkv(1, b=B, t=37, s=37, n=4, k=2, h=32, host=True)
     mask = masks.causal() & _segments(37, 37)
 
     def run(impl):
@@ -292,12 +290,12 @@ def test_dot_product_attention_pallas_gqa_mask():
 
 
 def test_bool_array_mask_with_bias_and_empty_rows():
-    q, key, v = random_qkv(2, b=B, t=24, s=40, n=2, k=1, h=32)
+    q, key, v = random_qkv(2, b=B, t=24, s=40, n=2, k=1, h=32, host=True)
     dense = np.random.default_rng(0).random((B, 1, 24, 40)) > 0.5
     dense[0, :, 3] = False  # a row that sees nothing
     dense[:, :, :, 16:32] = False  # a band of empty tiles, skipped
     dense = jnp.asarray(dense)
-    bias = jax.random.normal(jax.random.key(3), (1, 2, 24, 40))
+    bias = jnp.asarray(np.random.default_rng(3).standard_normal((1, 2, 24, 40), np.float32))
 
     def run(impl):
         def f(q, key, v, bias):
@@ -309,7 +307,7 @@ def test_bool_array_mask_with_bias_and_empty_rows():
 
 
 def test_traced_offsets_under_jit():
-    q, key, v = random_qkv(4, b=1, t=16, s=48, n=2, k=2, h=32)
+    q, key, v = random_qkv(4, b=1, t=16, s=48, n=2, k=2, h=32, host=True)
     mask = masks.causal() & masks.sliding_window(20)
 
     def f(q, key, v, offset):  # the kernels take traced offsets (positions are runtime arrays)
@@ -324,7 +322,7 @@ def test_traced_offsets_under_jit():
 
 def test_score_mod_and_array_mask_with_softcap():
     """What the kernels once refused: a score mod, and a boolean array under softcap (now a mask tile)."""
-    q, key, v = random_qkv(0, b=1, t=20, s=28, n=2, h=32)
+    q, key, v = random_qkv(0, b=1, t=20, s=28, n=2, h=32, host=True)
     dense = jnp.asarray(np.random.default_rng(1).random((1, 2, 20, 28)) > 0.4)  # per head
 
     def run(impl):
@@ -345,8 +343,8 @@ def test_score_mod_and_array_mask_with_softcap():
 def test_block_fwd_bwd_assemble_the_full_attention():
     """Two K/V halves as two ring steps: merged outputs and summed gradients equal the reference."""
     t, s = 24, 48
-    q, key, v = random_qkv(5, b=B, t=t, s=s, n=4, k=2, h=32, hv=16)
-    dout = jax.random.normal(jax.random.key(6), (B, t, 4, 16))
+    q, key, v = random_qkv(5, b=B, t=t, s=s, n=4, k=2, h=32, hv=16, host=True)
+    dout = jnp.asarray(np.random.default_rng(6).standard_normal((B, t, 4, 16), np.float32))
     mask = masks.causal(offset=s - t) & _segments(t, s)
     halves = [(0, 24), (24, 48)]  # equal halves: one compiled kernel serves both steps
     specs = []
@@ -402,7 +400,7 @@ def test_block_fwd_bwd_assemble_the_full_attention():
 
 def test_vmap_checkpoint_grad_compose():
     """``grad(checkpoint(vmap(flash_attention)))`` over an extra leading axis equals the reference's."""
-    q, key, v = random_qkv(7, b=3, t=20, s=20, n=2, k=1, h=32)  # the leading axis is vmapped: B = 1 inside
+    q, key, v = random_qkv(7, b=3, t=20, s=20, n=2, k=1, h=32, host=True)  # the leading axis is vmapped: B = 1 inside
     q, key, v = (x[:, None] for x in (q, key, v))
     spec = masks.causal().spec(20, 20, 16, 16)
 

@@ -102,11 +102,13 @@ CASES = [
     Case("nan_per_sequence_dropout", (4, 1), (24, 40), nan_keys=5, per_sequence=True, dropout=0.25),
 ]
 # The TPU interpreter runs each grid step (B x K x row tiles x key tiles, per kernel) in Python: the
-# subset's queries are no longer than it takes to keep 2+ row tiles in every kernel (64 padded rows).
+# subset's queries are no longer than it takes to keep 2+ row tiles in every kernel (64 padded rows),
+# and where nothing is per key/value head, one key/value head (the per-head array, dropout's per-head
+# bits and the ALiBi slopes still see two).
 TPU_CASES = {
-    "per_sequence_window": dict(lengths=(29, 45)),
+    "per_sequence_window": dict(heads=(2, 1), lengths=(29, 45)),
     "array_head_softcap": {},
-    "t5_per_sequence": {},
+    "t5_per_sequence": dict(heads=(2, 1)),
     "dropout": dict(lengths=(29, 45)),
     "nan_behind_mask": {},
 }
@@ -127,8 +129,8 @@ def _spec(case: Case) -> mask_info.MaskSpec:
     array = None
     if case.array is not None:
         shape = (B, n, t, s) if case.array == "head" else (1, 1, t, s)
-        array = jax.random.uniform(jax.random.key(11), shape) > 0.3
-        array = array & (jnp.arange(s) < 30)  # whole key tiles hidden by the array: EMPTY for the kernels
+        array = np.random.default_rng(11).random(shape) > 0.3
+        array = jnp.asarray(array & (np.arange(s) < 30))  # whole key tiles hidden by the array: EMPTY for the kernels
     score_fn, params = score_mod(case.score, n)
     spec = mask_info.MaskSpec(
         fn, jnp.zeros((1, 1), jnp.int32), q_pos, kv_pos, block_q=SPEC_BLOCK,
@@ -141,11 +143,18 @@ def _spec(case: Case) -> mask_info.MaskSpec:
 
 def _inputs(case: Case):
     (n, k), (t, s) = case.heads, case.lengths
-    q, key, v = random_qkv(3, b=B, t=t, s=s, n=n, k=k, h=32, dtype=case.dtype)
-    if case.nan_keys:
-        key = key.at[:, s - case.nan_keys :].set(jnp.nan)
-        v = v.at[:, s - case.nan_keys :].set(jnp.nan)
-    return q, key, v
+    q, key, v = random_qkv(3, b=B, t=t, s=s, n=n, k=k, h=32, dtype=case.dtype, host=True)
+    return q, *_set_last_keys(case, key, v, value=np.nan)
+
+
+def _set_last_keys(case: Case, *arrays, value):
+    """``arrays`` [B, S, ...] with the last ``case.nan_keys`` keys set to ``value`` (set in numpy: no compile)."""
+    if not case.nan_keys:
+        return arrays
+    out = tuple(np.array(x) for x in arrays)
+    for x in out:
+        x[:, x.shape[1] - case.nan_keys :] = value
+    return tuple(jnp.asarray(x) for x in out)
 
 
 # Interpret mode: compiling dominates. Optimisation level 0 and XLA's older CPU fusion emitters (the
@@ -197,10 +206,7 @@ def _reference_run(case: Case):
 
 def _clean(case: Case, key, v):
     """K/V with the NaN rows zeroed: what the reference sees (the kernels must not need it)."""
-    if not case.nan_keys:
-        return key, v
-    s = key.shape[1]
-    return key.at[:, s - case.nan_keys :].set(0), v.at[:, s - case.nan_keys :].set(0)
+    return _set_last_keys(case, key, v, value=0)
 
 
 def pytest_generate_tests(metafunc):
@@ -282,7 +288,7 @@ def test_dropout_keeps_the_expected_fraction():
 
 
 def test_dropout_needs_a_seed():
-    q, key, v = random_qkv(0, b=1, t=16, n=2, h=16)
+    q, key, v = random_qkv(0, b=1, t=16, n=2, h=16, host=True)
     with pytest.raises(ValueError, match="dropout_seed"):
         flash_attention(q, key, v, interpret=True, dropout_rate=0.1)
     with pytest.raises(ValueError, match="dropout_rate"):
@@ -298,7 +304,7 @@ def test_block_steps_with_positions_score_mod_and_dropout():
     case = Case("ring", (4, 2), (24, 48), per_sequence=True, score="alibi", dropout=0.2)
     spec = _spec(case)
     q, key, v = _inputs(case)
-    dout = jax.random.normal(jax.random.key(6), q.shape[:3] + (v.shape[-1],))
+    dout = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape[:3] + (v.shape[-1],), np.float32))
     seed = jnp.int32(77)
     kw = dict(block_sizes=BLOCKS, interpret=True, dropout_rate=case.dropout, dropout_seed=seed)
 
@@ -308,26 +314,22 @@ def test_block_steps_with_positions_score_mod_and_dropout():
         array = None if spec.array is None else spec.array[..., lo:hi]
         return dataclasses.replace(spec, block_map=block_map, kv_positions=kv_pos, array=array)
 
-    def ring(q, key, v, dout):
-        steps = [(0, 24), (24, 48)]
-        outs, lses = zip(*[
-            flash_forward(q, key[:, lo:hi], v[:, lo:hi], mask=half(lo, hi), out_dtype=f32, **kw) for lo, hi in steps
-        ])  # fmt: skip
-        lse_i = jnp.stack(lses)  # [2, B, N, T]
+    steps = [(0, 24), (24, 48)]  # equal halves: one compiled kernel serves both steps
+    kv = jax.tree.map(lambda *xs: jnp.stack(xs), *[(key[:, lo:hi], v[:, lo:hi], half(lo, hi)) for lo, hi in steps])
+
+    def ring(q, kv, dout):  # the steps run in a loop (lax.map), as in a ring: one kernel instance each
+        step_fwd = lambda x: flash_forward(q, x[0], x[1], mask=x[2], out_dtype=f32, **kw)
+        out_i, lse_i = jax.lax.map(step_fwd, kv)  # [2, B, T, N, H], [2, B, N, T]
         lse = jax.nn.logsumexp(lse_i, axis=0)
         weight = jnp.where(jnp.isfinite(lse_i), jnp.exp(lse_i - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
-        out = jnp.sum(jnp.stack(outs) * jnp.swapaxes(weight, 2, 3)[..., None], axis=0)
+        out = jnp.sum(out_i * jnp.swapaxes(weight, 2, 3)[..., None], axis=0)
         delta = jnp.einsum("BTNH,BTNH->BNT", out, dout)
-        grads = [
-            flash_backward(q, key[:, lo:hi], v[:, lo:hi], lse, delta, dout, mask=half(lo, hi), grad_dtype=f32,
-                           return_score_param_grads=True, **kw)
-            for lo, hi in steps
-        ]  # fmt: skip
-        dq = grads[0][0] + grads[1][0]
-        dk = jnp.concatenate([g[1] for g in grads], axis=1)
-        dv = jnp.concatenate([g[2] for g in grads], axis=1)
-        dparams = jax.tree.map(lambda a, b: a + b, grads[0][3], grads[1][3])
-        return out, lse, (dq, dk, dv, dparams)
+        step_bwd = lambda x: flash_backward(
+            q, x[0], x[1], lse, delta, dout, mask=x[2], grad_dtype=f32, return_score_param_grads=True, **kw
+        )
+        dq_i, dk_i, dv_i, dparams_i = jax.lax.map(step_bwd, kv)
+        merge = lambda d: jnp.concatenate(list(d), axis=1)
+        return out, lse, (dq_i.sum(0), merge(dk_i), merge(dv_i), jax.tree.map(lambda d: d.sum(0), dparams_i))
 
     def reference(q, key, v, dout):
         def run(q, key, v, params):
@@ -337,7 +339,7 @@ def test_block_steps_with_positions_score_mod_and_dropout():
         (out, lse), vjp = jax.vjp(run, q, key, v, spec.score_params)
         return out, lse, vjp((dout, jnp.zeros_like(lse)))
 
-    out, lse, grads = _jit(ring, q, key, v, dout)
+    out, lse, grads = _jit(ring, q, kv, dout)
     ref_out, ref_lse, ref_grads = _jit(reference, q, key, v, dout)
     assert_close(out, ref_out)
     finite = jnp.isfinite(ref_lse)
