@@ -7,6 +7,8 @@ ScoreMod's dense ``__call__`` (not the tile form the backends run); gradients in
 mod's parameters. Dropout must draw the same bits on every backend for the same key.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,25 +74,35 @@ def _mods():
 MASK = masks.causal() & masks.sliding_window(20)
 
 
+def _value_and_grads(f):
+    """One jitted program for ``f(q, k, v, params)`` and its gradients (eagerly, the interpreted kernels
+    dispatched every grid step op by op)."""
+    loss = lambda *a: jnp.sum(f(*a) * jnp.cos(jnp.arange(H)))
+    return jax.jit(lambda *a: (f(*a), jax.grad(loss, argnums=(0, 1, 2, 3))(*a)))
+
+
+@functools.cache
+def _oracle_values_and_grads(mod_name):
+    """The oracle's output and gradients, computed once per score mod for the three backends."""
+    make, params = _mods()[mod_name]
+    q, k, v = random_qkv(11, b=B, t=T, s=S, n=N, k=K, h=H)
+    return _value_and_grads(lambda q, k, v, params: _oracle(q, k, v, mask=MASK, mod=make(*params)))(q, k, v, params)
+
+
 @pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("mod_name", list(_mods()))
 def test_score_mods_match_their_definition_values_and_gradients(name, mod_name):
     make, params = _mods()[mod_name]
     q, k, v = random_qkv(11, b=B, t=T, s=S, n=N, k=K, h=H)
 
-    def run(q, k, v, params, impl):
+    def run(q, k, v, params):
         return aj.dot_product_attention(q, k, v, mask=MASK, score_mod=make(*params), q_offset=Q_OFFSET,
-                                        implementation=impl)  # fmt: skip
+                                        implementation=IMPLEMENTATIONS[name])  # fmt: skip
 
-    def oracle(q, k, v, params):
-        return _oracle(q, k, v, mask=MASK, mod=make(*params))
-
-    out = run(q, k, v, params, IMPLEMENTATIONS[name])
-    assert_close(out, oracle(q, k, v, params))
-    loss = lambda f: lambda *a: jnp.sum(f(*a) * jnp.cos(jnp.arange(H)))
-    got = jax.grad(loss(lambda *a: run(*a, IMPLEMENTATIONS[name])), argnums=(0, 1, 2, 3))(q, k, v, params)
-    want = jax.grad(loss(oracle), argnums=(0, 1, 2, 3))(q, k, v, params)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    out, got = _value_and_grads(run)(q, k, v, params)
+    want_out, want = _oracle_values_and_grads(mod_name)
+    assert_close(out, want_out)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert_close(g, w, grad=True)
 
 
@@ -107,12 +119,16 @@ def _dropped(impl, q, k, v, rng, **kwargs):
 def test_dropout_draws_the_same_bits_as_the_reference(name):
     q, k, v = random_qkv(12, b=B, t=T, s=S, n=N, k=K, h=H)
     rng = jax.random.key(5)
-    ref = _dropped("reference", q, k, v, rng)
-    assert_close(_dropped(IMPLEMENTATIONS[name], q, k, v, rng), ref)
-    loss = lambda impl: lambda q, k, v: jnp.sum(_dropped(impl, q, k, v, rng) * jnp.sin(jnp.arange(H)))
-    got = jax.grad(loss(IMPLEMENTATIONS[name]), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
-    for g, w in zip(got, want):
+
+    @functools.partial(jax.jit, static_argnums=0)  # one program per backend: outputs and gradients
+    def value_and_grads(impl, q, k, v, rng):
+        loss = lambda q, k, v: jnp.sum(_dropped(impl, q, k, v, rng) * jnp.sin(jnp.arange(H)))
+        return _dropped(impl, q, k, v, rng), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    ref, want = value_and_grads("reference", q, k, v, rng)
+    out, got = value_and_grads(IMPLEMENTATIONS[name], q, k, v, rng)
+    assert_close(out, ref)
+    for g, w in zip(got, want, strict=True):
         assert_close(g, w, grad=True)
 
 
@@ -139,13 +155,16 @@ def test_nan_in_values_no_query_sees_does_not_poison_the_output(name):
     v_nan = jnp.where(garbage, jnp.nan, v)
     k_nan = jnp.where(garbage, jnp.inf, k)
     mask = masks.causal() & masks.padding(kv_lengths=lengths)
-    run = lambda k, v: aj.dot_product_attention(q, k, v, mask=mask, q_offset=Q_OFFSET,
-                                                implementation=IMPLEMENTATIONS[name])  # fmt: skip
-    out = run(k_nan, v_nan)
+    run = lambda q, k, v: aj.dot_product_attention(q, k, v, mask=mask, q_offset=Q_OFFSET,
+                                                   implementation=IMPLEMENTATIONS[name])  # fmt: skip
+
+    @jax.jit  # one program: the outputs with and without garbage, and the gradient through the garbage
+    def check(q, k, v, k_nan, v_nan):
+        return run(q, k_nan, v_nan), run(q, k, v), jax.grad(lambda q: jnp.sum(run(q, k_nan, v_nan)))(q)
+
+    out, clean, grads = check(q, k, v, k_nan, v_nan)
     assert np.all(np.isfinite(np.asarray(out)))
-    assert_close(out, run(k, v))
-    grads = jax.grad(lambda q_: jnp.sum(aj.dot_product_attention(
-        q_, k_nan, v_nan, mask=mask, q_offset=Q_OFFSET, implementation=IMPLEMENTATIONS[name])))(q)  # fmt: skip
+    assert_close(out, clean)
     assert np.all(np.isfinite(np.asarray(grads)))
 
 
@@ -155,7 +174,8 @@ def test_per_head_boolean_array_with_softcap(name):
     q, k, v = random_qkv(14, b=B, t=T, s=S, n=N, k=K, h=H)
     dense = jax.random.bernoulli(jax.random.key(3), 0.4, (B, N, T, S))
     dense = dense.at[:, :, 0].set(False)  # a fully masked row
-    out = aj.dot_product_attention(q, k, v, mask=dense, softcap=5.0, implementation=IMPLEMENTATIONS[name])
-    want = aj.dot_product_attention(q, k, v, mask=dense, softcap=5.0, implementation="reference")
+    out, want = jax.jit(lambda q, k, v, dense: [
+        aj.dot_product_attention(q, k, v, mask=dense, softcap=5.0, implementation=impl)
+        for impl in (IMPLEMENTATIONS[name], "reference")])(q, k, v, dense)  # fmt: skip
     assert_close(out, want)
     assert not np.any(np.asarray(out)[:, 0])
