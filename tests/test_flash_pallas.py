@@ -121,15 +121,14 @@ def _inputs(case: Case, seed: int = 0):
     return q, key, v, jnp.asarray(np.random.default_rng(seed + 7).standard_normal(shape, np.float32))
 
 
-# Interpret mode turns each kernel into XLA loops that are run once, for their values, so compiling
-# dominates these tests: optimisation level 0 roughly halves it, and XLA's older CPU fusion emitters
-# (the MLIR ones cost more to compile) take off half of what is left. Neither changes what is computed.
-COMPILE_OPTIONS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": False}
-
-
 def _jit(f, *args):
-    """``jax.jit(f)(*args)`` compiled with ``COMPILE_OPTIONS`` (cheap to compile, run once)."""
-    return jax.jit(f).lower(*args).compile(COMPILE_OPTIONS)(*args)
+    """``jax.jit(f)(*args)`` compiled by XLA at optimisation level 0.
+
+    Interpret mode turns each kernel into XLA loops that are run once, for their values: skipping
+    the backend optimisations roughly halves the compile time, which dominates these tests (the
+    loop emitters that tests/conftest.py selects take off more).
+    """
+    return jax.jit(f).lower(*args).compile({"xla_backend_optimization_level": "0"})(*args)
 
 
 def _loss_and_grads(run, q, key, v, bias):

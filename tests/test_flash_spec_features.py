@@ -157,14 +157,14 @@ def _set_last_keys(case: Case, *arrays, value):
     return tuple(jnp.asarray(x) for x in out)
 
 
-# Interpret mode: compiling dominates. Optimisation level 0 and XLA's older CPU fusion emitters (the
-# MLIR ones cost more to compile) cut it by three quarters; neither changes what is computed.
-COMPILE_OPTIONS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": False}
-
-
 def _jit(f, *args):
-    """``jax.jit(f)(*args)`` compiled with ``COMPILE_OPTIONS`` (cheap to compile, run once)."""
-    return jax.jit(f).lower(*args).compile(COMPILE_OPTIONS)(*args)
+    """``jax.jit(f)(*args)`` compiled by XLA at optimisation level 0.
+
+    Interpret mode turns each kernel into XLA loops that are run once, for their values: skipping
+    the backend optimisations roughly halves the compile time, which dominates these tests (the
+    loop emitters that tests/conftest.py selects take off more).
+    """
+    return jax.jit(f).lower(*args).compile({"xla_backend_optimization_level": "0"})(*args)
 
 
 def _loss_and_grads(run, spec, q, key, v):
