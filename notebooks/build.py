@@ -120,7 +120,8 @@ print(mask.block_map(256, 256, 64, 64))"""),
 Each module takes keyword-only configuration and `rngs`. `MultiHeadAttention` covers MHA, GQA (`num_kv_heads`)
 and MQA (`num_kv_heads=1`), RoPE, ALiBi, softcapping, sinks and sliding windows; `MultiHeadLatentAttention`
 (DeepSeek-V2) caches a small latent instead of keys and values; `DifferentialAttention` subtracts two softmax
-maps. All of them decode with a KV cache."""),
+maps. All of them decode with a KV cache. `nnx.jit` compiles a call once per input shape (called eagerly, JAX
+dispatches op by op, which is slow on small inputs)."""),
     code("""\
 D = 64
 x = jax.random.normal(jax.random.key(2), (2, 32, D))  # [B, T, D]
@@ -133,23 +134,24 @@ layers = {
                                           v_head_dim=8, mask=causal, rngs=nnx.Rngs(0)),
     "Differential": aj.nn.DifferentialAttention(D, num_heads=4, mask=causal, rngs=nnx.Rngs(0)),
 }
+forward = nnx.jit(lambda layer, x, cache=None: layer(x, cache=cache))  # layer(x, cache=cache), compiled
 print(f"{'module':<14}{'params':>8}{'cache elements / token':>26}")
 for name, layer in layers.items():
     params = sum(p.size for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
     cache = layer.init_cache(2, 64)
-    y, cache = layer(x, cache=cache)
+    y, cache = forward(layer, x, cache)
     print(f"{name:<14}{params:>8,}{cache.elements_per_token:>26}")"""),
     md("""\
 Decoding with a cache gives exactly the outputs of one pass over the whole sequence: prefill a prompt, then
 feed one token at a time."""),
     code("""\
 layer = layers["GQA (K=2)"]
-full = layer(x)
+full = forward(layer, x)
 cache = layer.init_cache(2, 32)
-y_prefix, cache = layer(x[:, :20], cache=cache)
+y_prefix, cache = forward(layer, x[:, :20], cache)
 steps = [y_prefix]
 for t in range(20, 32):
-    y_t, cache = layer(x[:, t : t + 1], cache=cache)
+    y_t, cache = forward(layer, x[:, t : t + 1], cache)
     steps.append(y_t)
 print("max |decode - full|:", float(jnp.max(jnp.abs(jnp.concatenate(steps, axis=1) - full))))"""),
     md("""\
@@ -161,11 +163,11 @@ the softmax with random features: the error falls as the number of features grow
     code("""\
 linear = aj.nn.LinearAttention(D, 4, causal=True, rngs=nnx.Rngs(0))
 x_short = x[:, :12]
-y = linear(x_short)                                   # the chunked form (training)
+y = forward(linear, x_short)                          # the chunked form (training)
 cache = linear.init_cache(2, 12)                      # the recurrent form: a fixed-size state is its cache
 steps = []
 for t in range(x_short.shape[1]):
-    y_t, cache = linear(x_short[:, t : t + 1], cache=cache)
+    y_t, cache = forward(linear, x_short[:, t : t + 1], cache)
     steps.append(y_t)
 print("linear attention, recurrent vs chunked:", float(jnp.max(jnp.abs(jnp.concatenate(steps, 1) - y))))
 
@@ -175,13 +177,14 @@ q = jax.random.normal(jax.random.key(3), (1, 128, 1, 16)) * 0.5
 k = jax.random.normal(jax.random.key(4), (1, 128, 1, 16)) * 0.5
 v = jax.random.normal(jax.random.key(5), (1, 128, 1, 16))
 exact = aj.dot_product_attention(q, k, v)
+performer = jax.jit(performer_attention)
 features = [16, 64, 256] if SMALL else [16, 32, 64, 128, 256, 512]
 errors = []
 for m in features:
     err = []
     for seed in range(4):
         projection = orthogonal_random_features(jax.random.key(seed), m, 16)  # [M, H]
-        err.append(float(jnp.mean(jnp.abs(performer_attention(q, k, v, projection=projection) - exact))))
+        err.append(float(jnp.mean(jnp.abs(performer(q, k, v, projection=projection) - exact))))
     errors.append(np.mean(err))
 plt.figure(figsize=(4, 3))
 plt.loglog(features, errors, "o-")
@@ -200,7 +203,7 @@ others = {
     "LinearAttention": aj.nn.LinearAttention(D, 4, rngs=nnx.Rngs(0)),
 }
 for name, layer in others.items():
-    print(f"{name:<36} -> {layer(x_long).shape}")"""),
+    print(f"{name:<36} -> {forward(layer, x_long).shape}")"""),
     md("""\
 ## Any variant in any stack
 
@@ -223,7 +226,7 @@ prompt = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])                       # [B, T] to
 for name, factory in factories.items():
     lm = aj.nn.TransformerLM(50, 32, 1, attention=factory, rngs=nnx.Rngs(0))   # vocabulary, width, layers
     tokens = aj.generate(lm, prompt, max_new_tokens=4)[0].tolist()
-    print(f"{name:<26} logits {lm(prompt).shape}, generated {tokens}")"""),
+    print(f"{name:<26} logits {forward(lm, prompt).shape}, generated {tokens}")"""),
     md("""\
 ## Recurrent-era attention
 
@@ -387,7 +390,7 @@ x_train, x_test, y_train, y_test = train_test_split(images, digits.target, test_
     code("""\
 model = aj.nn.VisionTransformer(image_size=8, patch_size=2, in_channels=1, num_classes=10, features=64, depth=4,
                                 num_heads=4, rngs=nnx.Rngs(0))
-epochs = 4 if SMALL else 30
+epochs = 2 if SMALL else 30
 steps = epochs * (len(x_train) // 64)
 optimizer = nnx.Optimizer(model, optax.adamw(optax.warmup_cosine_decay_schedule(0, 2e-3, steps // 10, steps)),
                           wrt=nnx.Param)
