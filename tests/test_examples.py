@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FAST_COMPILE_XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"  # what conftest.py adds to XLA_FLAGS
 
 
 def environment(*, optimize: bool = False) -> dict:
-    """The examples' environment. The small runs are mostly compiling: they inherit conftest.py's
-    JAX_DISABLE_MOST_OPTIMIZATIONS. Runs that train to an accuracy are mostly running: ``optimize``."""
+    """The examples' environment. The small runs are mostly compiling: they inherit conftest.py's fast-compile
+    settings. Runs that train to an accuracy are mostly running: ``optimize`` compiles them as users do."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     if optimize:
         env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(FAST_COMPILE_XLA_FLAG, "").strip()
     return env
 
 
