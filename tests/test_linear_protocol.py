@@ -171,15 +171,21 @@ def test_cross_attention_matches_the_formula(kind):
 def test_recorded_weights_reproduce_the_output(kind, options):
     layer = make(kind, **options)
     x = inputs(8, 2, 16)
-    with aj.nn.record_attention_weights(layer):
-        y, recorded = nnx.capture(layer, nnx.Intermediate)(x, segment_ids=jnp.asarray(SEGMENTS))
-    (weights,) = recorded["attention_weights"]
+
+    @nnx.jit  # one program for the recording call and the oracle's projections
+    def run(layer, x, segment_ids):
+        with aj.nn.record_attention_weights(layer):
+            y, recorded = nnx.capture(layer, nnx.Intermediate)(x, segment_ids=segment_ids)
+        (weights,) = recorded["attention_weights"]
+        return y, weights, layer.out(weighted_values(weights, layer.value(x)))
+
+    y, weights, reproduced = run(layer, x, jnp.asarray(SEGMENTS))
     chex.assert_shape(weights, (2, 4, 16, 16))
     across = SEGMENTS[:, :, None] != SEGMENTS[:, None, :]
     assert not np.any(np.asarray(weights) * across[:, None]), "weight across documents"
     if kind != "fwp":  # kernel weights are normalised; the delta rule's overwrite (signed, any sum)
         assert_close(weights.sum(-1), jnp.ones((2, 4, 16)))
-    assert_close(y, layer.out(weighted_values(weights, layer.value(x))))
+    assert_close(y, reproduced)
 
 
 def test_unsupported_arguments_raise_naming_the_module_and_argument():
