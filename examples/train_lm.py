@@ -151,6 +151,16 @@ def _diff(cfg: Config):
     )  # fmt: skip
 
 
+def _mamba2(cfg: Config):
+    """Mamba-2 with 2x inner channels in heads of 32 and a state of 16 per head."""
+    return functools.partial(ajnn.Mamba2, head_dim=32, state_dim=16, chunk_size=16)
+
+
+def _hybrid(cfg: Config):
+    """Mamba-2 layers, then attention in the last: a list of per-layer factories (one layer: attention)."""
+    return [_mamba2(cfg)] * (cfg.num_layers - 1) + [_mha(cfg)]
+
+
 def _heads(cls, **options):
     """Any attention module of ``aj.nn`` drops into the stack as it is: the LM passes its causal mask."""
     return lambda cfg: functools.partial(cls, num_heads=cfg.num_heads, **options)
@@ -177,6 +187,10 @@ VARIANTS = {
         ajnn.NativeSparseAttention, compress_block=4, compress_stride=2, select_block=4, num_selected=2, window=8)),
     "positional": ("learned positional attention gated with content", lambda c: functools.partial(
         ajnn.PositionalAttention, num_heads=c.num_heads, max_length=c.seq_len(), gated=True)),
+    "mamba": ("Mamba: selective state space, state 16/channel", lambda c: functools.partial(ajnn.Mamba,
+                                                                                              state_dim=16)),
+    "mamba2": ("Mamba-2 (SSD): heads of 32, state 16/head", _mamba2),
+    "hybrid": ("Mamba-2 layers, attention (mha) in the last", _hybrid),
 }
 # Linformer and Nystromformer mix the whole sequence: they cannot be causal, so they have no place in an LM
 # (a TransformerLM with them raises the protocol's ValueError naming the layer and the mask).
@@ -356,7 +370,8 @@ def plot_example_attention(trainer: Trainer, path: Path) -> bool:
         return False
     last = list(weights)[-1]
     labels = token_labels(tokens[0], trainer.cfg)
-    fig = explain.plot_heads(weights[last][0], x_labels=labels, y_labels=labels, ncols=2,
+    # At most 8 maps: Mamba records one per channel.
+    fig = explain.plot_heads(weights[last][0][:8], x_labels=labels, y_labels=labels, ncols=2,
                              title=f"{trainer.cfg.variant}: {last} (rows: queries, columns: keys)")
     fig.savefig(path, dpi=110)
     return True
@@ -418,8 +433,8 @@ def compare(base: Config, variants: list[str], out_dir: Path) -> list[dict]:
         print(f"| {r['variant']:<10} | {VARIANTS[r['variant']][0]:<42} | {r['params']:>8,} | "
               f"{r['accuracy']:>8.3f} | {reached:>6} | {r['ms_per_step']:>7.2f} |")
     print("\nA softmax variant at chance has not yet left the plateau before the lookup is learned (its length "
-          "varies\nwith the seed): try more --steps or another --seed. Fixed-size states (linear, performer, delta) "
-          "and short\nwindows (sliding) are limited by what they can keep, not by the plateau.")
+          "varies\nwith the seed): try more --steps or another --seed. Fixed-size states (linear, performer, delta, "
+          "mamba,\nmamba2) and short windows (sliding) are limited by what they can keep, not by the plateau.")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_lm_compare.json").write_text(json.dumps(rows, indent=2))
     return rows
