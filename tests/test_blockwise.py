@@ -10,6 +10,7 @@ ring's block-level ``fwd``/``bwd``, visited tiles, and compiled memory linear in
 """
 
 import dataclasses
+import functools
 import random
 
 import jax
@@ -136,7 +137,7 @@ def _extras(extra, seed, n, t, s, spec):
 
 
 def masks_dense(spec, batch):
-    visible = spec.dense(batch)
+    visible = jax.jit(lambda: spec.dense(batch))()  # one program, not one eager op at a time
     t, s = spec.q_positions.shape[-1], spec.kv_positions.shape[-1]
     return np.ones((1, 1, t, s), bool) if visible is None else np.asarray(visible)
 
@@ -165,8 +166,15 @@ def _loss(out, lse):
     return jnp.sum(out.astype(jnp.float32) * weights) + 0.3 * jnp.sum(jnp.sin(finite_lse))
 
 
-def check_against_dense(q, k, v, spec, *, scale, softcap=None, bias=None, rate=0.0, seed=None, traced_spec=False):
-    """Outputs, lse and gradients (q, k, v, bias, score params, array scale) against the dense oracle."""
+def check_against_dense(
+    q, k, v, spec, *, scale, softcap=None, bias=None, rate=0.0, seed=None, traced_spec=False, also_host_spec=False
+):
+    """Outputs, lse and gradients (q, k, v, bias, score params, array scale) against the dense oracle.
+
+    ``traced_spec``: the spec is a jit argument (its block map traced: the run-time schedule);
+    ``also_host_spec``: also run the spec with a numpy block map (the trace-time schedule) against
+    the same oracle. Returns the first run's ``(out, lse, grads)``.
+    """
     dtype = q.dtype
     seed = None if not rate else jnp.int32(seed if seed is not None else 1234)
 
@@ -191,26 +199,34 @@ def check_against_dense(q, k, v, spec, *, scale, softcap=None, bias=None, rate=0
             return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(*args)
         return jax.jit(jax.grad(lambda *a: loss(*a, spec), argnums=argnums, has_aux=True))(*args[:-1])
 
-    grads, (out, lse) = grads_of(ours, *args, spec, jit_spec=traced_spec)
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     ref_args = (f32(q), f32(k), f32(v)) + args[3:]
     want, (ref_out, ref_lse) = grads_of(oracle, *ref_args, spec, jit_spec=False)
-
-    assert out.dtype == dtype and out.shape == ref_out.shape and lse.dtype == jnp.float32
-    assert_close(out, ref_out, dtype=dtype)
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    # The checks run in numpy: eager jnp ops would each compile a program.
+    np32 = lambda x: np.asarray(x).astype(np.float32)
+    ref_out, ref_lse = np32(ref_out), np32(ref_lse)
     finite = np.isfinite(ref_lse)
-    assert_close(jnp.where(finite, lse, 0.0), jnp.where(finite, ref_lse, 0.0), dtype=dtype)
     names = ("dq", "dk", "dv", "dbias", "dparams", "dscale")
-    for name, g, w, primal in zip(names, grads, want, args):
-        if primal is None:
-            continue
-        for g_leaf, w_leaf, p_leaf in zip(jax.tree.leaves(g), jax.tree.leaves(w), jax.tree.leaves(primal)):
-            assert g_leaf.dtype == p_leaf.dtype, name
-            assert bool(jnp.isfinite(g_leaf.astype(jnp.float32)).all()), name
-            # Parameter and scale gradients sum over every score: scale the tolerance by their size.
-            norm = 1.0 if name in ("dq", "dk", "dv", "dbias") else max(1.0, float(jnp.abs(w_leaf).max()))
-            assert_close(g_leaf / norm, w_leaf / norm, dtype=dtype, grad=True)
+
+    runs = [(spec, traced_spec)] + [(_host_spec(spec), False)] * also_host_spec
+    results = [grads_of(ours, *args, run_spec, jit_spec=jit_spec) for run_spec, jit_spec in runs]
+    for grads, (out, lse) in results:
+        assert out.dtype == dtype and out.shape == ref_out.shape and lse.dtype == jnp.float32
+        assert_close(np32(out), ref_out, dtype=dtype)
+        lse = np32(lse)
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+        assert_close(np.where(finite, lse, 0.0), np.where(finite, ref_lse, 0.0), dtype=dtype)
+        for name, g, w, primal in zip(names, grads, want, args):
+            if primal is None:
+                continue
+            for g_leaf, w_leaf, p_leaf in zip(jax.tree.leaves(g), jax.tree.leaves(w), jax.tree.leaves(primal)):
+                assert g_leaf.dtype == p_leaf.dtype, name
+                g_leaf, w_leaf = np32(g_leaf), np32(w_leaf)
+                assert np.isfinite(g_leaf).all(), name
+                # Parameter and scale gradients sum over every score: scale the tolerance by their size.
+                norm = 1.0 if name in ("dq", "dk", "dv", "dbias") else max(1.0, float(np.abs(w_leaf).max()))
+                assert_close(g_leaf / norm, w_leaf / norm, dtype=dtype, grad=True)
+    grads, (out, lse) = results[0]
     return out, lse, grads
 
 
@@ -224,15 +240,27 @@ def test_matches_dense_oracle(mask_name, heads, lengths, blocks, dtype, extra):
     check_against_dense(q, k, v, spec, scale=0.25, softcap=softcap, bias=bias, rate=rate)
 
 
-@pytest.mark.parametrize("extra", ["plain", "dropout", "score_fn+softcap"])
-def test_traced_block_map_runs_the_runtime_schedule(extra):
+def _with_extras(extras, seed, n, t, s, spec):
+    """``_extras`` of several extras at once (each sets a different field)."""
+    bias, softcap, rate = None, None, 0.0
+    for extra in extras:
+        spec, bias_i, softcap_i, rate_i = _extras(extra, seed, n, t, s, spec)
+        bias, softcap, rate = bias if bias_i is None else bias_i, softcap or softcap_i, rate or rate_i
+    return spec, bias, softcap, rate
+
+
+# The run-time schedule plain, and with dropout and a score function (+ softcap) in one program.
+@pytest.mark.parametrize("extras", [("plain",), ("dropout", "score_fn+softcap")], ids="+".join)
+def test_traced_block_map_runs_the_runtime_schedule(extras):
     """A spec passed through jit (its block map traced) gives the same results as a static one."""
     t, s, n = 45, 51, 4
     q, k, v = random_qkv(3, b=B, t=t, s=s, n=n, k=2, h=16, hv=8)
     spec = (masks.causal(offset=6) & masks.padding(kv_lengths=jnp.array([40, 51]))).spec(t, s, 16, 16)
-    spec, bias, softcap, rate = _extras(extra, 3, n, t, s, spec)
-    check_against_dense(q, k, v, spec, scale=0.3, softcap=softcap, bias=bias, rate=rate, traced_spec=True)
-    check_against_dense(q, k, v, _host_spec(spec), scale=0.3, softcap=softcap, bias=bias, rate=rate)
+    spec, bias, softcap, rate = _with_extras(extras, 3, n, t, s, spec)
+    assert len(extras) == 1 or (rate and softcap and spec.score_fn is not None)
+    check_against_dense(
+        q, k, v, spec, scale=0.3, softcap=softcap, bias=bias, rate=rate, traced_spec=True, also_host_spec=True
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,8 +282,12 @@ def _per_sequence_spec(mask, t, s, bq, bk, q_offsets, kv_offset=0):
     )
 
 
-@pytest.mark.parametrize("extra", ["plain", "alibi", "dropout"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+# Each extra reads the per-sequence positions its own way; the dtypes take turns.
+@pytest.mark.parametrize(
+    "extra, dtype",
+    [("plain", jnp.bfloat16), ("alibi", jnp.float32), ("dropout", jnp.bfloat16)],
+    ids=lambda x: x if isinstance(x, str) else jnp.dtype(x).name,
+)
 def test_per_sequence_positions(extra, dtype):
     """Decode-style chunk: each sequence's queries sit at their own cache offset (sliding window)."""
     t, s, n = 7, 90, 4
@@ -287,7 +319,7 @@ def test_per_sequence_offsets_traced():
     offsets = jnp.array([3, 40], jnp.int32)
     out, lse = step(q, k, v, offsets)
     spec = _per_sequence_spec(mask, t, s, bq, bk, q_offsets=[3, 40])
-    ref_out, ref_lse = dense_attention(q, k, v, spec, scale=0.3)
+    ref_out, ref_lse = jax.jit(lambda q, k, v: dense_attention(q, k, v, spec, scale=0.3))(q, k, v)
     assert_close(out, ref_out)
     assert_close(lse, ref_lse)
 
@@ -313,11 +345,11 @@ def test_dropout_bits_follow_the_seed():
     t = 33
     q, k, v = random_qkv(4, b=B, t=t, n=2, h=8)
     spec = masks.causal().spec(t, t, 16, 16)
-    run = lambda seed: blockwise.attention(q, k, v, spec, scale=0.3, dropout_rate=0.5, dropout_seed=jnp.int32(seed))
-    out_a, lse_a = run(1)
-    out_b, lse_b = run(2)
-    plain, lse = blockwise.attention(q, k, v, spec, scale=0.3)
-    assert not bool(jnp.allclose(out_a, out_b))
+    dropped = jax.jit(lambda seed: blockwise.attention(q, k, v, spec, scale=0.3, dropout_rate=0.5, dropout_seed=seed))
+    out_a, lse_a = dropped(jnp.int32(1))
+    out_b, lse_b = dropped(jnp.int32(2))
+    plain, lse = jax.jit(lambda: blockwise.attention(q, k, v, spec, scale=0.3))()
+    assert not np.allclose(out_a, out_b)
     assert_close(lse_a, lse)  # dropout acts on the normalised weights: the lse is unchanged
     assert_close(lse_b, lse)
     with pytest.raises(ValueError, match="dropout_seed"):
@@ -337,11 +369,11 @@ def test_fully_masked_rows_give_zeros_and_finite_zero_gradients():
     # Queries 0..5 see nothing (causal with a negative offset); batch 1 pads its last 7 queries.
     mask = masks.causal(offset=-6) & masks.padding(q_lengths=jnp.array([t, t - 7]))
     out, lse, grads = check_against_dense(q, k, v, mask.spec(t, s, 8, 8), scale=0.3)
-    dq = grads[0]
-    assert float(jnp.abs(out[:, :6]).max()) == 0.0 and float(jnp.abs(out[1, t - 7 :]).max()) == 0.0
-    assert bool(jnp.isneginf(lse[:, :, :6]).all()) and bool(jnp.isneginf(lse[1, :, t - 7 :]).all())
-    assert bool(jnp.isfinite(lse[0, :, 6:]).all())
-    assert float(jnp.abs(dq[:, :6]).max()) == 0.0 and float(jnp.abs(dq[1, t - 7 :]).max()) == 0.0
+    out, lse, dq = np.asarray(out), np.asarray(lse), np.asarray(grads[0])
+    assert float(np.abs(out[:, :6]).max()) == 0.0 and float(np.abs(out[1, t - 7 :]).max()) == 0.0
+    assert np.isneginf(lse[:, :, :6]).all() and np.isneginf(lse[1, :, t - 7 :]).all()
+    assert np.isfinite(lse[0, :, 6:]).all()
+    assert float(np.abs(dq[:, :6]).max()) == 0.0 and float(np.abs(dq[1, t - 7 :]).max()) == 0.0
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.2])
@@ -350,8 +382,8 @@ def test_nan_in_unseen_value_rows_stays_out(rate):
     t, s = 24, 40
     lengths = jnp.array([13, 29])
     q, k, v = random_qkv(7, b=B, t=t, s=s, n=4, k=2, h=8)
-    unwritten = jnp.arange(s)[None, :, None, None] >= lengths[:, None, None, None]
-    k, v = jnp.where(unwritten, jnp.nan, k), jnp.where(unwritten, jnp.nan, v)
+    unwritten = np.arange(s)[None, :, None, None] >= np.asarray(lengths)[:, None, None, None]
+    k, v = (jnp.asarray(np.where(unwritten, np.nan, x)) for x in (k, v))
     spec = masks.padding(kv_lengths=lengths).spec(t, s, 8, 16)  # key tiles 0..2 are PARTIAL
 
     def loss(q, k, v):
@@ -359,14 +391,13 @@ def test_nan_in_unseen_value_rows_stays_out(rate):
         return jnp.sum(out**2), out
 
     (dq, dk, dv), out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    assert bool(jnp.isfinite(out).all()) and bool(jnp.isfinite(dq).all())
+    dq, dk, dv = np.asarray(dq), np.asarray(dk), np.asarray(dv)
+    assert np.isfinite(np.asarray(out)).all() and np.isfinite(dq).all()
     seen = ~unwritten[..., 0, 0]
-    assert bool(jnp.isfinite(dk[seen]).all()) and bool(jnp.isfinite(dv[seen]).all())
-    ref, _ = dense_attention(
-        q, jnp.where(unwritten, 0.0, k), jnp.where(unwritten, 0.0, v), spec, scale=0.3, dropout_rate=rate,
-        seed=jnp.int32(3),
-    )  # fmt: skip
-    assert_close(out, ref)
+    assert np.isfinite(dk[seen]).all() and np.isfinite(dv[seen]).all()
+    clean = lambda x: jnp.asarray(np.where(unwritten, 0.0, x), jnp.float32)
+    oracle = lambda q, k, v: dense_attention(q, k, v, spec, scale=0.3, dropout_rate=rate, seed=jnp.int32(3))[0]
+    assert_close(out, jax.jit(oracle)(q, clean(k), clean(v)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -374,11 +405,22 @@ def test_nan_in_unseen_value_rows_stays_out(rate):
 # ---------------------------------------------------------------------------------------------------
 
 
+COMPOSITIONS_MASK = masks.causal() & masks.sliding_window(10)
+
+
+@functools.cache
+def _compositions_oracle():
+    """The dense oracle's loss and gradients, compiled once for both transforms."""
+    spec = COMPOSITIONS_MASK.spec(32, 32, 8, 8)
+    oracle = lambda q, k, v: jnp.sum(jnp.tanh(dense_attention(q, k, v, spec, scale=8**-0.5)[0]))
+    return jax.jit(jax.value_and_grad(oracle, argnums=(0, 1, 2)))
+
+
 @pytest.mark.parametrize("transform", ["vmap", "checkpoint"])
 def test_compositions(transform):
     """jax.jit around everything; jax.grad through jax.vmap and jax.checkpoint."""
     q, k, v = random_qkv(8, b=3, t=32, n=4, k=2, h=8)
-    spec = (masks.causal() & masks.sliding_window(10)).spec(32, 32, 8, 8)
+    spec = COMPOSITIONS_MASK.spec(32, 32, 8, 8)
     attend = lambda q, k, v: blockwise.attention(q, k, v, spec, scale=8**-0.5)[0]
     if transform == "vmap":  # over the batch: each example as a B=1 call
         one = lambda q, k, v: attend(q[None], k[None], v[None])[0]
@@ -386,8 +428,7 @@ def test_compositions(transform):
     else:
         loss = jax.checkpoint(lambda q, k, v: jnp.sum(jnp.tanh(attend(q, k, v))))
     val, got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    oracle = lambda q, k, v: jnp.sum(jnp.tanh(dense_attention(q, k, v, spec, scale=8**-0.5)[0]))
-    want_val, want = jax.value_and_grad(oracle, argnums=(0, 1, 2))(q, k, v)
+    want_val, want = _compositions_oracle()(q, k, v)
     assert_close(val, want_val)
     for g, w in zip(got, want):
         assert_close(g, w, grad=True)
@@ -420,6 +461,29 @@ STEP_T, STEP_S, STEP_HALF, STEP_BQ, STEP_BK = 24, 40, 20, 8, 16
 STEP_MASK = masks.causal(offset=STEP_S - STEP_T) & _segments(STEP_T, STEP_S) | masks.global_tokens([30])
 
 
+@functools.cache
+def _step_programs():
+    """Compiled once for both parametrizations: merging two halves, and the dense oracle's outputs,
+    lse and vjp over the whole key range (eager, each of their ops would compile on its own)."""
+
+    @jax.jit
+    def merge(outs, dout):
+        lse = jnp.logaddexp(outs[0][1], outs[1][1])  # [B, N, T]
+        weight = lambda lse_i: jnp.where(jnp.isfinite(lse_i), jnp.exp(lse_i - lse), 0.0)
+        out = sum(o * jnp.swapaxes(weight(lse_i), 1, 2)[..., None] for o, lse_i in outs)
+        return out, lse, jnp.einsum("BTNH,BTNH->BNT", out, dout)  # delta
+
+    whole = STEP_MASK.spec(STEP_T, STEP_S, STEP_BQ, STEP_BK)
+
+    @jax.jit
+    def oracle(q, k, v, dout):
+        attend = lambda q, k, v: dense_attention(q, k, v, whole, scale=0.5, softcap=3.0)
+        (ref_out, ref_lse), vjp = jax.vjp(attend, q, k, v)
+        return ref_out, ref_lse, vjp((dout, jnp.zeros_like(ref_lse)))
+
+    return merge, oracle
+
+
 @pytest.mark.parametrize("per_sequence", [False, True])
 def test_step_halves_combine_to_the_whole(per_sequence):
     """Two key halves merged through their lse give the whole.
@@ -441,23 +505,20 @@ def test_step_halves_combine_to_the_whole(per_sequence):
         parts.append((spec, k[:, lo : lo + half], v[:, lo : lo + half]))
     outs = [step_fwd(q, k_i, v_i, spec, scale=0.5, softcap=3.0) for spec, k_i, v_i in parts]
     assert outs[0][0].dtype == jnp.float32 and outs[0][1].dtype == jnp.float32
-    lse = jnp.logaddexp(outs[0][1], outs[1][1])  # [B, N, T]
-    weight = lambda lse_i: jnp.where(jnp.isfinite(lse_i), jnp.exp(lse_i - lse), 0.0)
-    out = sum(o * jnp.swapaxes(weight(lse_i), 1, 2)[..., None] for o, lse_i in outs)
-    whole = STEP_MASK.spec(t, s, STEP_BQ, STEP_BK)
-    attend = lambda q, k, v: dense_attention(q, k, v, whole, scale=0.5, softcap=3.0)
-    (ref_out, ref_lse), vjp = jax.vjp(attend, q, k, v)
+    merge, oracle = _step_programs()
+    dout = jax.random.normal(jax.random.key(13), outs[0][0].shape)
+    out, lse, delta = merge(outs, dout)
+    ref_out, ref_lse, (want_dq, want_dk, want_dv) = oracle(q, k, v, dout)
     assert_close(out, ref_out)
-    finite = jnp.isfinite(ref_lse)
-    assert_close(jnp.where(finite, lse, 0.0), jnp.where(finite, ref_lse, 0.0))
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    finite = np.isfinite(ref_lse)
+    assert_close(np.where(finite, lse, 0.0), np.where(finite, ref_lse, 0.0))
 
-    dout = jax.random.normal(jax.random.key(13), out.shape)
-    delta = jnp.einsum("BTNH,BTNH->BNT", out, dout)
     grads = [step_bwd(q, k_i, v_i, spec, lse, delta, dout, scale=0.5, softcap=3.0) for spec, k_i, v_i in parts]
-    want_dq, want_dk, want_dv = vjp((dout, jnp.zeros_like(ref_lse)))
+    grads = [[np.asarray(g) for g in half] for half in grads]
     assert_close(grads[0][0] + grads[1][0], want_dq, grad=True)
-    assert_close(jnp.concatenate([grads[0][1], grads[1][1]], axis=1), want_dk, grad=True)
-    assert_close(jnp.concatenate([grads[0][2], grads[1][2]], axis=1), want_dv, grad=True)
+    assert_close(np.concatenate([grads[0][1], grads[1][1]], axis=1), want_dk, grad=True)
+    assert_close(np.concatenate([grads[0][2], grads[1][2]], axis=1), want_dv, grad=True)
 
 
 def test_step_with_an_all_empty_block_map_outputs_zeros():
@@ -467,10 +528,11 @@ def test_step_with_an_all_empty_block_map_outputs_zeros():
     # Keys far in the future: the block map is all EMPTY (same mask function: the compiled step is reused).
     spec = dataclasses.replace(spec, kv_positions=spec.kv_positions + 500, block_map=jnp.zeros_like(spec.block_map))
     out, lse = step_fwd(q, k, v, spec, scale=0.5, softcap=3.0)
-    assert float(jnp.abs(out).max()) == 0.0 and bool(jnp.isneginf(lse).all())
-    dq, dk, dv = step_bwd(q, k, v, spec, lse, jnp.zeros_like(lse), jnp.ones_like(out), scale=0.5, softcap=3.0)
+    assert float(np.abs(np.asarray(out)).max()) == 0.0 and np.isneginf(np.asarray(lse)).all()
+    zeros, ones = jnp.asarray(np.zeros(lse.shape, np.float32)), jnp.asarray(np.ones(out.shape, np.float32))
+    dq, dk, dv = step_bwd(q, k, v, spec, lse, zeros, ones, scale=0.5, softcap=3.0)
     for g in (dq, dk, dv):
-        assert float(jnp.abs(g).max()) == 0.0
+        assert float(np.abs(np.asarray(g)).max()) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,24 +559,26 @@ def test_nan_in_an_empty_key_block_never_reaches_the_output():
     q, k, v = random_qkv(15, b=1, t=t, n=2, h=8)
     spec = (masks.causal() & masks.sliding_window(10)).spec(t, t, bq, bk)
     # Key block 3 (positions 48..63) is EMPTY for query blocks 0..2: masking alone would give 0 * NaN.
-    k, v = k.at[:, 48:].set(jnp.nan), v.at[:, 48:].set(jnp.nan)
+    k, v = (jnp.asarray(np.where(np.arange(t)[None, :, None, None] >= 48, np.nan, x)) for x in (k, v))
 
     def loss(q, k, v):
         out, _ = blockwise.attention(q, k, v, spec, scale=0.3)
         return jnp.sum(out[:, :48] ** 2), out
 
     (dq, dk, dv), out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    assert bool(jnp.isfinite(out[:, :48]).all()) and not bool(jnp.isfinite(out[:, 48:]).any())
-    assert bool(jnp.isfinite(dq[:, :48]).all()) and bool(jnp.isfinite(dk[:, :32]).all())
+    out, dq, dk = np.asarray(out), np.asarray(dq), np.asarray(dk)
+    assert np.isfinite(out[:, :48]).all() and not np.isfinite(out[:, 48:]).any()
+    assert np.isfinite(dq[:, :48]).all() and np.isfinite(dk[:, :32]).all()
 
 
-@pytest.mark.parametrize("extra", ["dropout", "alibi"])
-def test_compiled_memory_is_linear_in_t(extra):
-    """A causal forward + backward at T=8192 compiles to far less than one T x T float32 buffer."""
+def test_compiled_memory_is_linear_in_t():
+    """A causal forward + backward at T=8192 with dropout and ALiBi (one program: either feature
+    holding a T x T buffer would show) compiles to far less than one T x T float32 buffer."""
     t, n, h = 8192, 2, 32
     q = jax.ShapeDtypeStruct((1, t, n, h), jnp.float32)
     spec = masks.causal().spec(t, t, *blockwise.default_block_sizes(t, t))
-    spec, _, _, rate = _extras(extra, 0, n, t, t, spec)
+    spec, _, _, rate = _with_extras(("dropout", "alibi"), 0, n, t, t, spec)
+    assert rate and spec.score_fn is _alibi
 
     def loss(q, k, v, params):
         s = dataclasses.replace(spec, score_params=params)
