@@ -2,7 +2,7 @@
 
 Usage: ``python ring_multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT [LOCAL_DEVICES]``.
 Every process joins the same JAX distributed runtime over localhost with gloo CPU collectives and
-runs one training step of a small ``TransformerLM`` whose attention is a zigzag ring over the
+runs one training step of a one-layer ``TransformerLM`` whose attention is a zigzag ring over the
 devices of all processes (packed documents, so segment ids travel around the ring too). It compares
 the loss and the gradient of every parameter with the same step on one local device. Exit status 0
 means every check passed.
@@ -42,14 +42,19 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int = 2)
     segment_ids = np.sort(rng.integers(0, 3, (b, t)), axis=1).astype(np.int32)
 
     def lm(sequence_parallel):  # the same parameters in every process and for both runs: Rngs(0)
+        # One layer: its forward and backward rings hold every collective the check is about.
         attention = functools.partial(
             aj.nn.MultiHeadAttention, num_heads=4, num_kv_heads=2, rope=aj.positional.RoPE(),
             sequence_parallel=sequence_parallel,
         )  # fmt: skip
-        return aj.nn.TransformerLM(vocab, features, 2, attention=attention, rngs=nnx.Rngs(0))
+        return aj.nn.TransformerLM(vocab, features, 1, attention=attention, rngs=nnx.Rngs(0))
 
-    def step(model, place=lambda x: x, **jit_options):
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # The parameters, initialised in one compiled program (eagerly, each initialiser compiles its own);
+    # the sharded and the one-device model differ only in their static configuration.
+    params, rest = jax.jit(lambda: nnx.split(lm(None), nnx.Param, ...)[1:])()
+
+    def step(sequence_parallel, place=lambda x: x, **jit_options):
+        graphdef = nnx.split(nnx.eval_shape(lambda: lm(sequence_parallel)), nnx.Param, ...)[0]
 
         def run(params, rest, tokens, segment_ids):
             def loss(params):
@@ -70,11 +75,11 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int = 2)
     # and so are the loss and the gradients, so each process can read them whole.
     replicated = NamedSharding(mesh, P())
     place = lambda x: jax.device_put(x, replicated)
-    loss, grads = step(lm(SequenceParallel("sp", mesh=mesh)), place, out_shardings=replicated)
+    loss, grads = step(SequenceParallel("sp", mesh=mesh), place, out_shardings=replicated)
     loss, grads = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), (loss, grads))
 
     with jax.default_device(jax.local_devices()[0]):
-        ref_loss, ref_grads = step(lm(None))
+        ref_loss, ref_grads = step(None)
     np.testing.assert_allclose(loss, ref_loss, atol=1e-5, rtol=1e-5, err_msg="loss")
     flat, ref_flat = jax.tree.leaves_with_path(grads), jax.tree.leaves_with_path(ref_grads)
     assert [path for path, _ in flat] == [path for path, _ in ref_flat]
