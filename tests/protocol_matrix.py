@@ -59,6 +59,9 @@ ROWS = [
         segments="raises",
     ),  # fmt: skip
     Row("PositionalAttention", _p(aj.nn.PositionalAttention, num_heads=2, max_length=T, gated=True)),
+    # State-space layers: the same protocol, a constant-size cache (convolution window and scan state).
+    Row("Mamba", _p(aj.nn.Mamba, state_dim=4)),
+    Row("Mamba2", _p(aj.nn.Mamba2, head_dim=8, state_dim=4, chunk_size=4)),
 ]
 BY_NAME = {row.name: row for row in ROWS}
 
