@@ -187,10 +187,10 @@ VARIANTS = {
         ajnn.NativeSparseAttention, compress_block=4, compress_stride=2, select_block=4, num_selected=2, window=8)),
     "positional": ("learned positional attention gated with content", lambda c: functools.partial(
         ajnn.PositionalAttention, num_heads=c.num_heads, max_length=c.seq_len(), gated=True)),
-    "mamba": ("Mamba: selective state space, state 16/channel", lambda c: functools.partial(ajnn.Mamba,
+    "mamba": ("Mamba: selective SSM, state 16/channel", lambda c: functools.partial(ajnn.Mamba,
                                                                                               state_dim=16)),
     "mamba2": ("Mamba-2 (SSD): heads of 32, state 16/head", _mamba2),
-    "hybrid": ("Mamba-2 layers, attention (mha) in the last", _hybrid),
+    "hybrid": ("Mamba-2 layers, mha in the last", _hybrid),
 }
 # Linformer and Nystromformer mix the whole sequence: they cannot be causal, so they have no place in an LM
 # (a TransformerLM with them raises the protocol's ValueError naming the layer and the mask).
