@@ -10,10 +10,8 @@ from __future__ import annotations
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import attention_jax as aj
 from attention_jax.cache import KVCache, PagedKVCache, RollingKVCache
 
 SIZES = dict(num_kv_heads=2, head_dim=4)
