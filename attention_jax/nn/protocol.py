@@ -69,8 +69,9 @@ class AttentionLayer(Protocol):
     **Decoding** ``layer.init_cache(batch_size, max_length, *, kind="dense", quantized=False,
     dtype=None, **options)``: an empty cache (a pytree) for a layer that decodes causally. KV layers
     support ``kind`` ``"dense"``, ``"rolling"`` (sliding-window layers) and ``"paged"``; recurrent
-    layers (linear attention, Performer, delta-rule fast weights) hold a constant-size state whatever
-    ``kind`` and ``max_length`` are. A layer that cannot decode raises ``ValueError`` saying why.
+    layers (linear attention, Performer, delta-rule fast weights) and state-space layers (Mamba, Mamba-2)
+    hold a constant-size state whatever ``kind`` and ``max_length`` are. A layer that cannot decode raises
+    ``ValueError`` saying why.
 
     **Recording**: every module has a static ``record_weights`` flag;
     :func:`attention_jax.nn.record_attention_weights` and :mod:`attention_jax.explain` turn it on to
