@@ -365,6 +365,7 @@ class Mamba(_StateSpaceLayer):
                              "per head: use Mamba2, or 'associative' / 'sequential'.")  # fmt: skip
         inner = expand * in_features
         self.in_features, self.state_dim, self.dt_rank = in_features, state_dim, dt_rank
+        # The scan's heads are the channels, of size 1; chunk_size is unused (no chunked form for A [E, F]).
         self.inner, self.num_heads, self.head_dim, self.chunk_size = inner, inner, 1, 1
         self.implementation = implementation
         self.out_features = out_features or in_features
