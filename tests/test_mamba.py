@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import attention_jax as aj
-from attention_jax.nn import Mamba, Mamba2, SSMCache
+from attention_jax.nn import Mamba, Mamba2, RecurrentCache, SSMState
 
 D, HEAD, STATE, GROUPS, WIDTH = 16, 4, 3, 2, 4
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -168,7 +168,7 @@ def test_protocol_errors_name_the_module_and_argument():
         layer(x, mask=aj.masks.full())
     with pytest.raises(ValueError, match="Mamba2 cannot take segment_ids with a cache"):
         layer(x, segment_ids=jnp.zeros((1, 4), jnp.int32), cache=layer.init_cache(1, 8))
-    with pytest.raises(ValueError, match="SSMCache"):
+    with pytest.raises(ValueError, match="RecurrentCache of its init_cache"):
         layer(x, cache=aj.cache.KVCache.create(1, 8, num_kv_heads=1, head_dim=4))
     with pytest.raises(ValueError, match="head_dim"):
         Mamba2(D, head_dim=5, rngs=nnx.Rngs(0))
@@ -176,4 +176,6 @@ def test_protocol_errors_name_the_module_and_argument():
         Mamba(D, implementation="chunked", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="Mamba cannot take mask"):
         _layer(0, "mamba")(x, mask=aj.masks.sliding_window(2))
-    assert isinstance(layer, aj.nn.AttentionLayer) and isinstance(layer.init_cache(1, 8), SSMCache)
+    cache = layer.init_cache(1, 8)
+    assert isinstance(layer, aj.nn.AttentionLayer)
+    assert isinstance(cache, RecurrentCache) and isinstance(cache.state, SSMState)

@@ -13,7 +13,7 @@ from attention_jax.nn.differential import DifferentialAttention
 from attention_jax.nn.latent import MultiHeadLatentAttention
 from attention_jax.nn.linear import FastWeightProgrammer, LinearAttention, Performer, RecurrentCache
 from attention_jax.nn.lowrank import Linformer, Nystromformer
-from attention_jax.nn.mamba import Mamba, Mamba2, SSMCache
+from attention_jax.nn.mamba import Mamba, Mamba2, SSMState
 from attention_jax.nn.multi_head import MultiHeadAttention
 from attention_jax.nn.nsa import NativeSparseAttention, NSACache
 from attention_jax.nn.positional_attention import PositionalAttention
@@ -57,7 +57,7 @@ __all__ = [
     "Performer",
     "PositionalAttention",
     "RecurrentCache",
-    "SSMCache",
+    "SSMState",
     "Seq2SeqWithAttention",
     "SparseTransformerAttention",
     "SpatialAttention",

@@ -217,6 +217,17 @@ def check_segment_ids(segment_ids: Any, x: Array) -> Array | None:
     return jnp.asarray(segment_ids)
 
 
+def check_lengths(module, lengths: Any, x: Array) -> None:
+    """``lengths`` must be None or integers ``[B]`` matching ``x [B, T, D]``."""
+    if lengths is not None and (
+        jnp.shape(lengths) != x.shape[:1] or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer)
+    ):
+        raise ValueError(
+            f"{type(module).__name__}: lengths must be integers of shape [B]=[{x.shape[0]}], got "
+            f"{jnp.result_type(lengths)} {jnp.shape(lengths)}."
+        )
+
+
 def causal_from_mask(module, mask, default: bool) -> bool:
     """Whether a layer that is not attention under a mask runs causally for this call's ``mask``.
 

@@ -85,11 +85,12 @@ class RandomFeatures(nnx.Variable):
 @register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RecurrentCache:
-    """The decoding cache of a linear-attention layer: its recurrent state and the tokens it has read.
+    """The decoding cache of a recurrent layer: its constant-size state and the tokens it has read.
 
-    ``state`` is the functional op's state (``LinearAttentionState``, ``PerformerState`` or
-    ``FastWeightState``, float32, one per key/value head); ``lengths [B]`` int32 counts the real tokens
-    absorbed per row. Its size does not grow with the sequence, so it never overflows.
+    ``state`` is the layer's state (``LinearAttentionState``, ``PerformerState`` or ``FastWeightState`` of
+    the linear-attention layers, float32, one per key/value head; ``SSMState`` of Mamba and Mamba-2);
+    ``lengths [B]`` int32 counts the real tokens absorbed per row. Its size does not grow with the sequence,
+    so it never overflows.
     """
 
     state: Any
@@ -101,6 +102,35 @@ class RecurrentCache:
 
     def check(self) -> None:
         """Nothing to check: a constant-size state cannot overflow (``aj.generate`` checks every cache)."""
+
+    def advanced(self, state: Any, num_tokens: int, lengths: Array | None) -> RecurrentCache:
+        """The cache after a call that read ``num_tokens`` per row (``lengths [B]`` of them are real, if given)."""
+        added = num_tokens if lengths is None else jnp.asarray(lengths, jnp.int32)
+        return RecurrentCache(state, self.lengths + added)
+
+
+def empty_cache(state: Any, batch_size: int, max_length: int, kind: str) -> RecurrentCache:
+    """A :class:`RecurrentCache` holding ``state`` and no tokens, after checking the protocol's ``init_cache``
+    options: a constant-size state accepts any ``kind`` and ``max_length`` (checked positive) and changes nothing."""
+    _common.check_positive(batch_size=batch_size, max_length=max_length)
+    if kind not in _common.CACHE_KINDS:
+        raise ValueError(f"kind must be one of {_common.CACHE_KINDS}, got {kind=!r}.")
+    return RecurrentCache(state, jnp.zeros((batch_size,), jnp.int32))
+
+
+def check_cache(module, cache: Any, state_type: type, segment_ids, batch: int) -> None:
+    """A decoding call's cache must be the ``RecurrentCache`` of the module's ``init_cache``, one row per sequence."""
+    if segment_ids is not None:
+        raise unsupported(module, "segment_ids with a cache", "a cache decodes one sequence per row")
+    if not isinstance(cache, RecurrentCache) or not isinstance(cache.state, state_type):
+        raise ValueError(
+            f"{type(module).__name__} takes the RecurrentCache of its init_cache (holding a "
+            f"{state_type.__name__}), got {type(cache).__name__}."
+        )
+    if cache.lengths.shape != (batch,):
+        raise ValueError(
+            f"{type(module).__name__}: the cache holds {cache.lengths.shape[0]} rows, inputs_q has B={batch}."
+        )
 
 
 class _Call(NamedTuple):
@@ -130,10 +160,7 @@ class _RecurrentHeads(ProjectedHeads):
         protocol's kinds), ``quantized``, ``dtype`` and the other options (``page_size``, ...) are
         accepted so that a stack can ask every layer alike, and change nothing (float32 state).
         """
-        _common.check_positive(batch_size=batch_size, max_length=max_length)
-        if kind not in _common.CACHE_KINDS:
-            raise ValueError(f"kind must be one of {_common.CACHE_KINDS}, got {kind=!r}.")
-        return RecurrentCache(self.empty_state(batch_size), jnp.zeros((batch_size,), jnp.int32))
+        return empty_cache(self.empty_state(batch_size), batch_size, max_length, kind)
 
     def feature_dim(self, feature_map: FeatureMap | None) -> int:
         """F, the width ``feature_map`` gives a head of H (probed abstractly)."""
@@ -159,13 +186,7 @@ class _RecurrentHeads(ProjectedHeads):
         if cache is not None:
             self._check_cache(cache, causal, segment_ids, inputs_q.shape[0])
         segment_ids = _common.check_segment_ids(segment_ids, inputs_q)
-        if lengths is not None and (
-            jnp.shape(lengths) != inputs_q.shape[:1] or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer)
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: lengths must be integers of shape [B]=[{inputs_q.shape[0]}], got "
-                f"{jnp.result_type(lengths)} {jnp.shape(lengths)}."
-            )
+        _common.check_lengths(self, lengths, inputs_q)
         record = recording.should_record(None, self.record_weights)
         if record and cache is not None:
             raise unsupported(self, "record_weights with a cache", "the state does not keep the earlier keys")
@@ -177,17 +198,7 @@ class _RecurrentHeads(ProjectedHeads):
             raise unsupported(
                 self, "cache", "a cache decodes the causal form; build with causal=True or pass mask=masks.causal()"
             )
-        if segment_ids is not None:
-            raise unsupported(self, "segment_ids with a cache", "a cache decodes one sequence per row")
-        if not isinstance(cache, RecurrentCache) or not isinstance(cache.state, self.state_type):
-            raise ValueError(
-                f"{type(self).__name__} takes the RecurrentCache of its init_cache (holding a "
-                f"{self.state_type.__name__}), got {type(cache).__name__}."
-            )
-        if cache.lengths.shape != (batch,):
-            raise ValueError(
-                f"{type(self).__name__}: the cache holds {cache.lengths.shape[0]} rows, inputs_q has B={batch}."
-            )
+        check_cache(self, cache, self.state_type, segment_ids, batch)
 
     def _finish(self, result, value: Array, weights, call: _Call, cache, num_tokens: int):
         """Record (``weights`` is a thunk), project back, and return ``y`` or ``(y, new cache)``."""
@@ -197,8 +208,7 @@ class _RecurrentHeads(ProjectedHeads):
         y = self.merge(out)  # [B, T, out_features]
         if cache is None:
             return y
-        added = num_tokens if call.lengths is None else jnp.asarray(call.lengths, jnp.int32)
-        return y, RecurrentCache(state, cache.lengths + added)
+        return y, cache.advanced(state, num_tokens, call.lengths)
 
 
 class LinearAttention(_RecurrentHeads):

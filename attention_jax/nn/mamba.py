@@ -17,7 +17,7 @@ norm.
 Both are causal by construction: ``mask`` may be None or ``masks.causal()``, and ``inputs_kv`` raises. Packed
 documents (``segment_ids``) reset the convolution's window and the scan's state; ``lengths`` leaves the cache
 after each row's last real token; positions are not read. ``init_cache`` holds the convolution's last ``W - 1``
-inputs and the scan state (:class:`SSMCache`), a constant size whatever ``max_length``, so
+inputs and the scan state (an :class:`SSMState` in a ``RecurrentCache``), a constant size whatever ``max_length``, so
 :func:`attention_jax.generate` decodes them token by token.
 
 >>> import functools, jax.numpy as jnp
@@ -28,7 +28,7 @@ inputs and the scan state (:class:`SSMCache`), a constant size whatever ``max_le
 >>> layer(x).shape
 (2, 6, 16)
 >>> y, cache = layer(x, cache=layer.init_cache(2, 32))          # prefill, then decode token by token
->>> cache.state.shape                                           # [B, N, H, F]
+>>> cache.state.scan.shape                                      # [B, N, H, F]
 (2, 4, 8, 4)
 >>> hybrid = aj.nn.TransformerLM(64, 16, num_layers=2, rngs=nnx.Rngs(0), attention=[
 ...     functools.partial(Mamba2, head_dim=8, state_dim=4), functools.partial(aj.nn.MultiHeadAttention, num_heads=2)])
@@ -38,7 +38,6 @@ inputs and the scan state (:class:`SSMCache`), a constant size whatever ``max_le
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -47,37 +46,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention_jax import masks as masks_lib
-from attention_jax._pytree import register_dataclass
 from attention_jax.functional.short_conv import causal_conv1d
 from attention_jax.functional.ssm import IMPLEMENTATIONS, selective_scan, selective_scan_weights
 from attention_jax.nn import _common, recording
+from attention_jax.nn.linear import RecurrentCache, check_cache, empty_cache
 from attention_jax.nn.protocol import unsupported
 
 Array = jax.Array
 
-__all__ = ["Mamba", "Mamba2", "SSMCache"]
+__all__ = ["Mamba", "Mamba2", "SSMState"]
 
 
-@register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SSMCache:
-    """The decoding cache of a state-space layer: the convolution's window and the scan's state.
+class SSMState(NamedTuple):
+    """The decoding state of a state-space layer, held in a :class:`~attention_jax.nn.RecurrentCache`.
 
-    ``conv [B, W - 1, C]`` holds the last ``W - 1`` inputs of the convolution (in the layer's dtype),
-    ``state [B, N, H, F]`` the scan state (float32), ``lengths [B]`` int32 the real tokens read per row. Its
-    size does not grow with the sequence, so it never overflows.
+    ``conv [B, W - 1, C]`` holds the last ``W - 1`` inputs of the convolution (in the layer's dtype) and
+    ``scan [B, N, H, F]`` the scan's state (float32). Its size does not grow with the sequence.
     """
 
     conv: Array
-    state: Array
-    lengths: Array
-
-    def positions(self, num_new: int) -> Array:
-        """Absolute positions ``[B, T]`` the next ``T = num_new`` tokens take (as a KV cache's)."""
-        return self.lengths[:, None] + jnp.arange(num_new, dtype=jnp.int32)
-
-    def check(self) -> None:
-        """Nothing to check: a constant-size state cannot overflow (``aj.generate`` checks every cache)."""
+    scan: Array
 
 
 def _inverse_softplus(x: Array) -> Array:
@@ -91,7 +79,7 @@ def _uniform(rngs: nnx.Rngs, shape, low: float, high: float, dtype) -> Array:
 class _Call(NamedTuple):
     segment_ids: Array | None
     lengths: Array | None
-    cache: SSMCache | None
+    cache: RecurrentCache | None
     record: bool
 
 
@@ -111,22 +99,18 @@ class _StateSpaceLayer(nnx.Module):
 
     def init_cache(
         self, batch_size: int, max_length: int, *, kind: str = "dense", quantized: bool = False, dtype=None, **options
-    ) -> SSMCache:
-        """The empty :class:`SSMCache` for ``batch_size`` rows.
+    ) -> RecurrentCache:
+        """The empty ``RecurrentCache`` (holding an :class:`SSMState`) for ``batch_size`` rows.
 
         Constant size: ``max_length`` (checked positive), ``kind`` (any of the protocol's kinds),
         ``quantized`` and the other options are accepted so a stack can ask every layer alike, and change
         nothing. ``dtype`` is that of the convolution window (default: the layer's dtype, else float32).
         """
-        _common.check_positive(batch_size=batch_size, max_length=max_length)
-        if kind not in _common.CACHE_KINDS:
-            raise ValueError(f"kind must be one of {_common.CACHE_KINDS}, got {kind=!r}.")
-        conv_dtype = dtype or self.dtype or jnp.float32
-        return SSMCache(
-            jnp.zeros((batch_size, self.conv_width - 1, self.conv_channels), conv_dtype),
+        state = SSMState(
+            jnp.zeros((batch_size, self.conv_width - 1, self.conv_channels), dtype or self.dtype or jnp.float32),
             jnp.zeros((batch_size, self.num_heads, self.head_dim, self.state_dim), jnp.float32),
-            jnp.zeros((batch_size,), jnp.int32),
         )
+        return empty_cache(state, batch_size, max_length, kind)
 
     def _check_call(self, inputs_q, inputs_kv, mask, segment_ids, lengths, cache) -> _Call:
         """The protocol's arguments, checked; what a causal scan cannot honour raises naming the argument."""
@@ -136,28 +120,12 @@ class _StateSpaceLayer(nnx.Module):
         if not _common.causal_from_mask(self, mask, default=True):
             raise unsupported(self, "mask", f"it is causal only, got mask={mask!r}")
         segment_ids = _common.check_segment_ids(segment_ids, inputs_q)
-        if lengths is not None and (
-            jnp.shape(lengths) != inputs_q.shape[:1] or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer)
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: lengths must be integers of shape [B]=[{inputs_q.shape[0]}], got "
-                f"{jnp.result_type(lengths)} {jnp.shape(lengths)}."
-            )
+        _common.check_lengths(self, lengths, inputs_q)
         record = recording.should_record(None, self.record_weights)
         if cache is not None:
-            if segment_ids is not None:
-                raise unsupported(self, "segment_ids with a cache", "a cache decodes one sequence per row")
+            check_cache(self, cache, SSMState, segment_ids, inputs_q.shape[0])
             if record:
                 raise unsupported(self, "record_weights with a cache", "the state does not keep the earlier tokens")
-            if not isinstance(cache, SSMCache):
-                raise ValueError(
-                    f"{type(self).__name__} takes the SSMCache of its init_cache, got {type(cache).__name__}."
-                )
-            if cache.lengths.shape != inputs_q.shape[:1]:
-                raise ValueError(
-                    f"{type(self).__name__}: the cache holds {cache.lengths.shape[0]} rows, inputs_q has "
-                    f"B={inputs_q.shape[0]}."
-                )
         return _Call(segment_ids, lengths, cache, record)
 
     def _convolve(self, inputs: Array, call: _Call) -> tuple[Array, Array | None]:
@@ -165,7 +133,7 @@ class _StateSpaceLayer(nnx.Module):
         bias = None if self.conv_bias is None else self.conv_bias[...]
         result = causal_conv1d(
             inputs, self.conv_weight[...].astype(inputs.dtype), bias, segment_ids=call.segment_ids,
-            lengths=call.lengths, state=None if call.cache is None else call.cache.conv.astype(inputs.dtype),
+            lengths=call.lengths, state=None if call.cache is None else call.cache.state.conv.astype(inputs.dtype),
             return_state=call.cache is not None,
         )  # fmt: skip
         conv, window = result if call.cache is not None else (result, None)
@@ -176,7 +144,8 @@ class _StateSpaceLayer(nnx.Module):
         d = self.d[...]
         result = selective_scan(
             x, dt, a, b, c, d, implementation=self.implementation, chunk_size=self.chunk_size,
-            segment_ids=call.segment_ids, lengths=call.lengths, state=None if call.cache is None else call.cache.state,
+            segment_ids=call.segment_ids, lengths=call.lengths,
+            state=None if call.cache is None else call.cache.state.scan,
             return_state=call.cache is not None,
         )  # fmt: skip
         y, state = result if call.cache is not None else (result, None)
@@ -185,12 +154,29 @@ class _StateSpaceLayer(nnx.Module):
             y = recording.record(self, y, weights, x)
         return y, state
 
-    @staticmethod
-    def _finish(out: Array, window, state, call: _Call, num_tokens: int):
-        if call.cache is None:
+    def _mix(self, inputs: Array, call: _Call) -> tuple[Array, Array | None, Array | None]:
+        """The block on ``inputs [B, T, D]``: ``(y [B, T, out_features], next conv window, next scan state)``."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array | None = None,
+        *,
+        mask: masks_lib.Mask | Array | None = None,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        lengths: Array | None = None,
+        cache: RecurrentCache | None = None,
+        deterministic: bool | None = None,
+    ):
+        """``y [B, T, out_features]``, or ``(y, cache)`` with a cache (see the module docstring)."""
+        call = self._check_call(inputs_q, inputs_kv, mask, segment_ids, lengths, cache)
+        out, window, scan = self._mix(inputs_q, call)
+        if cache is None:
             return out
-        added = num_tokens if call.lengths is None else jnp.asarray(call.lengths, jnp.int32)
-        return out, SSMCache(window.astype(call.cache.conv.dtype), state, call.cache.lengths + added)
+        state = SSMState(window.astype(cache.state.conv.dtype), scan)
+        return out, cache.advanced(state, inputs_q.shape[1], lengths)
 
 
 def _check_options(implementation, dt_min, dt_max) -> None:
@@ -284,20 +270,7 @@ class Mamba2(_StateSpaceLayer):
         grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped**2, axis=-1, keepdims=True) + self.norm_epsilon)
         return grouped.reshape(gated.shape) * self.norm_scale[...].astype(jnp.float32)
 
-    def __call__(
-        self,
-        inputs_q: Array,
-        inputs_kv: Array | None = None,
-        *,
-        mask: masks_lib.Mask | Array | None = None,
-        positions: Array | None = None,
-        segment_ids: Array | None = None,
-        lengths: Array | None = None,
-        cache: SSMCache | None = None,
-        deterministic: bool | None = None,
-    ):
-        """``y [B, T, out_features]``, or ``(y, cache)`` with a cache (see the module docstring)."""
-        call = self._check_call(inputs_q, inputs_kv, mask, segment_ids, lengths, cache)
+    def _mix(self, inputs_q: Array, call: _Call) -> tuple[Array, Array | None, Array | None]:
         batch, length = inputs_q.shape[:2]
         groups, f = self.num_groups, self.state_dim
         projected = self.in_proj(inputs_q)
@@ -310,7 +283,7 @@ class Mamba2(_StateSpaceLayer):
         a = -jnp.exp(self.a_log[...].astype(jnp.float32))  # [N]
         y, state = self._scan(x, dt, a, b, c, call)
         out = self.out_proj(self._gated_norm(y.reshape(batch, length, self.inner), z).astype(projected.dtype))
-        return self._finish(out, window, state, call, length)
+        return out, window, state
 
 
 class Mamba(_StateSpaceLayer):
@@ -387,20 +360,7 @@ class Mamba(_StateSpaceLayer):
         self.d = nnx.Param(jnp.ones((inner,), param_dtype))
         self.out_proj = nnx.Linear(inner, self.out_features, use_bias=use_bias, **dtypes, rngs=rngs)
 
-    def __call__(
-        self,
-        inputs_q: Array,
-        inputs_kv: Array | None = None,
-        *,
-        mask: masks_lib.Mask | Array | None = None,
-        positions: Array | None = None,
-        segment_ids: Array | None = None,
-        lengths: Array | None = None,
-        cache: SSMCache | None = None,
-        deterministic: bool | None = None,
-    ):
-        """``y [B, T, out_features]``, or ``(y, cache)`` with a cache (see the module docstring)."""
-        call = self._check_call(inputs_q, inputs_kv, mask, segment_ids, lengths, cache)
+    def _mix(self, inputs_q: Array, call: _Call) -> tuple[Array, Array | None, Array | None]:
         batch, length = inputs_q.shape[:2]
         x, z = jnp.split(self.in_proj(inputs_q), 2, axis=-1)
         x, window = self._convolve(x, call)  # [B, T, E]
@@ -410,4 +370,4 @@ class Mamba(_StateSpaceLayer):
         y, state = self._scan(x[..., None], dt, a, b[:, :, None], c[:, :, None], call)  # heads of size 1
         y = y[..., 0].astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
         out = self.out_proj(y.astype(x.dtype))
-        return self._finish(out, window, state, call, length)
+        return out, window, state
