@@ -9,6 +9,13 @@ Writing past a cache's capacity never wraps. Where lengths are concrete (eager c
 raises ``ValueError``; under ``jit`` the tokens that do not fit are dropped and the cache's
 ``overflow [B]`` flag is set, which :meth:`Cache.check` (or :func:`attention_jax.generate`) turns
 into the same error once the values are concrete. The rolling cache evicts by design instead.
+
+``cache.rollback(n)`` removes the last ``n[b]`` tokens of each sequence (speculative decoding: the
+draft tokens the target rejected), so that decoding on gives what it would have given had those
+tokens never been written. ``n`` may be an int or ``[B]`` ints, concrete or traced. More than a
+sequence holds raises ``ValueError`` where ``n`` is concrete and is clipped to its length under
+``jit``. (A rolling cache can only go back as far as its extra slots keep the window: see
+:class:`~attention_jax.cache.RollingKVCache`.)
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ class Cache:
     def _update(self, keys: Array, values: Array | None, new: Array) -> tuple[Cache, KVView]:
         raise NotImplementedError
 
+    def _rollback(self, n: Array) -> Cache:
+        """The cache without the last ``n [B]`` tokens (``0 <= n <= lengths``)."""
+        return dataclasses.replace(self, lengths=self.lengths - n)
+
     def _would_overflow(self, new: Array) -> Array:
         """``[B]`` bool: appending ``new`` tokens would not fit (the rolling cache never overflows)."""
         return jnp.zeros(self.lengths.shape, bool)
@@ -95,6 +106,36 @@ class Cache:
             raise ValueError(self._overflow_message(new, over))
         return _apply_update(self, keys, values, new)
 
+    def rollback(self, n: int | Array) -> Cache:
+        """Remove the last ``n`` tokens of every sequence (``n`` an int or ``[B]`` ints); returns the new cache.
+
+        Decoding after ``rollback(n)`` gives what it would have given had those tokens never been
+        written. Jit-safe: a traced ``n`` larger than a sequence's length is clipped to it.
+
+        >>> import jax.numpy as jnp
+        >>> import attention_jax as aj
+        >>> cache = aj.cache.KVCache.create(2, 8, num_kv_heads=1, head_dim=2)
+        >>> cache, _ = cache.update(jnp.ones((2, 5, 1, 2)), jnp.ones((2, 5, 1, 2)))
+        >>> cache.rollback(jnp.array([2, 0])).lengths.tolist()
+        [3, 5]
+        """
+        n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), self.lengths.shape) if jnp.ndim(n) == 0 else n
+        if jnp.shape(n) != self.lengths.shape or not jnp.issubdtype(jnp.result_type(n), jnp.integer):
+            raise ValueError(
+                f"n must be an int or ints of shape [B]=[{self.batch_size}], got {jnp.result_type(n)} {jnp.shape(n)}."
+            )
+        n = jnp.asarray(n, jnp.int32)
+        concrete = not isinstance(n, jax.core.Tracer) and not isinstance(self.lengths, jax.core.Tracer)
+        if concrete and bool(jnp.any((n < 0) | (n > self.lengths))):
+            raise ValueError(
+                f"n must lie in [0, lengths] to roll back, got n={n.tolist()} for lengths={self.lengths.tolist()}."
+            )
+        cache = _apply_rollback(self, jnp.clip(n, 0, self.lengths))
+        lost = cache.overflow & ~self.overflow
+        if concrete and bool(jnp.any(lost)):
+            raise ValueError(self._rollback_message(n, lost))
+        return cache
+
     def check(self) -> None:
         """Raise ``ValueError`` if any write did not fit (call on a concrete cache, e.g. after jit)."""
         if bool(jnp.any(self.overflow)):
@@ -107,6 +148,9 @@ class Cache:
     # -- helpers -------------------------------------------------------------------------------------
     def _capacity_text(self) -> str:
         raise NotImplementedError
+
+    def _rollback_message(self, n: Array, lost: Array) -> str:
+        raise NotImplementedError  # only a cache that can lose a rollback sets its flag there
 
     def _overflow_message(self, new: Array, over: Array) -> str:
         rows = [int(b) for b in jnp.nonzero(over)[0]]
@@ -153,6 +197,11 @@ def _apply_update(cache: Cache, keys: Array, values: Array | None, new: Array) -
     # One compiled program per cache type and shape: eager decoding would otherwise dispatch (and
     # compile) each of its small ops on its own. Inside an outer jit this is simply inlined.
     return cache._update(keys, values, new)
+
+
+@jax.jit
+def _apply_rollback(cache: Cache, n: Array) -> Cache:
+    return cache._rollback(n)
 
 
 def new_token_mask(new: Array, num_new: int) -> Array:

@@ -41,12 +41,13 @@ class KVCache(base.Cache):
         head_dim: int,
         value_head_dim: int | None = None,
         dtype=jnp.float32,
-        quantized: bool = False,
+        quantized: bool | str = False,
     ) -> KVCache:
         """An empty cache for ``capacity`` tokens per sequence.
 
-        ``value_head_dim`` defaults to ``head_dim``; 0 stores keys only. ``quantized`` stores int8
-        with a float32 scale per token and head; reads come back in ``dtype``.
+        ``value_head_dim`` defaults to ``head_dim``; 0 stores keys only. ``quantized`` (True or
+        ``"int8"``, or ``"fp8"``) stores int8 or float8_e4m3fn with a float32 scale per token and head;
+        reads come back in ``dtype``.
         """
         value_head_dim = base.check_create(batch_size, num_kv_heads, head_dim, value_head_dim, capacity=capacity)
         storage = KVStorage.zeros((batch_size, capacity), num_kv_heads, head_dim, value_head_dim, dtype, quantized)
