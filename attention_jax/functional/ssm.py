@@ -19,6 +19,11 @@ Three forms compute the same thing:
   matmuls inside chunks of ``chunk_size`` tokens, the state carried between chunks. Linear in T, and the
   matmuls are what accelerators are fast at.
 
+and ``"pallas"`` runs the chunked form as a Pallas kernel (``pallas_kernels.ssd_scan``, forward and backward;
+Triton on GPUs, Mosaic on TPUs, interpreted on CPU where it is only for testing): each program carries a
+head's state through the chunks itself. It takes what ``"chunked"`` takes, with ``chunk_size`` a power of
+two >= 16; its matmuls run in the dtype of ``x``.
+
 Packed documents (``segment_ids [B, T]``) reset the state where a run of equal ids starts, so a packed row
 equals its documents run one by one; an initial ``state`` continues the first run. Right padding
 (``lengths [B]``) sets ``dt`` to 0 on padded tokens: they neither decay nor feed the state, so the final state
@@ -46,10 +51,11 @@ import jax
 import jax.numpy as jnp
 
 from attention_jax.functional.linear import check_chunk_size, check_packing, chunk_runs, from_chunks, to_chunks
+from pallas_kernels.ssd_scan import ssd_scan
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
-IMPLEMENTATIONS = ("sequential", "associative", "chunked")
+IMPLEMENTATIONS = ("sequential", "associative", "chunked", "pallas")
 
 __all__ = ["selective_scan", "selective_scan_step", "selective_scan_weights", "IMPLEMENTATIONS"]
 
@@ -201,10 +207,11 @@ def selective_scan(
       b: ``[B, T, K, F]`` input projections; head ``n`` reads group ``n // (N // K)``.
       c: ``[B, T, K, F]`` output projections.
       d: ``[N]`` skip connection ``D * x``; None for none.
-      implementation: ``"sequential"``, ``"associative"`` or ``"chunked"`` (needs ``a`` of shape ``[N]``);
-        None picks ``"chunked"`` for ``a [N]`` and ``"associative"`` for ``a [N, F]``. All agree to float32
-        rounding.
-      chunk_size: tokens per chunk of the chunked form (T is zero-padded; it need not divide T).
+      implementation: ``"sequential"``, ``"associative"``, ``"chunked"`` or ``"pallas"`` (the last two need
+        ``a`` of shape ``[N]``); None picks ``"chunked"`` for ``a [N]`` and ``"associative"`` for ``a [N, F]``.
+        All agree to float32 rounding.
+      chunk_size: tokens per chunk of the chunked forms (T is zero-padded; it need not divide T); a power of
+        two >= 16 for ``"pallas"``.
       segment_ids: int ``[B, T]`` packed documents: the state resets where a run of equal ids starts.
       lengths: int ``[B]`` real tokens per row (right padding): later tokens leave the state unchanged.
       state: ``[B, N, H, F]`` the state to continue from (the first run continues it); default zeros.
@@ -218,10 +225,10 @@ def selective_scan(
         implementation = "chunked" if jnp.ndim(a) == 1 else "associative"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation=!r}.")
-    if implementation == "chunked" and jnp.ndim(a) != 1:
+    if implementation in ("chunked", "pallas") and jnp.ndim(a) != 1:
         raise ValueError(
-            f"implementation='chunked' (Mamba-2's SSD form) needs one decay per head, a [N]; got a of shape "
-            f"{jnp.shape(a)}: use 'associative' or 'sequential' for a per-channel decay [N, F]."
+            f"implementation={implementation!r} (Mamba-2's SSD form) needs one decay per head, a [N]; got a of "
+            f"shape {jnp.shape(a)}: use 'associative' or 'sequential' for a per-channel decay [N, F]."
         )
     chunk_size = check_chunk_size(chunk_size)
     batch, length, heads, head_dim = x.shape
@@ -232,15 +239,19 @@ def selective_scan(
     xf, dtf, af = f32(x), f32(dt), f32(a)
     if valid is not None:
         dtf = jnp.where(valid[..., None], dtf, 0.0)  # padding: no decay, no input
-    bf, cf = _per_head(f32(b), heads), _per_head(f32(c), heads)  # [B, T, N, F]
-    if state is None:
-        state = jnp.zeros((batch, heads, head_dim, state_dim), jnp.float32)
-    state = f32(state)
+    if implementation == "pallas":  # the kernel takes b, c per group and x in its own dtype
+        y, state = ssd_scan(x, dtf, af, b, c, runs=runs, state=state, chunk_size=chunk_size)
+        y = y.astype(jnp.float32)
+    else:
+        bf, cf = _per_head(f32(b), heads), _per_head(f32(c), heads)  # [B, T, N, F]
+        if state is None:
+            state = jnp.zeros((batch, heads, head_dim, state_dim), jnp.float32)
+        state = f32(state)
     if implementation == "sequential":
         y, state = _sequential(xf, dtf, af, bf, cf, runs, state)
     elif implementation == "associative":
         y, state = _associative(xf, dtf, af, bf, cf, runs, state)
-    else:
+    elif implementation == "chunked":
         y, state = _chunked(xf, dtf, af, bf, cf, runs, state, chunk_size)
     if d is not None:
         y = y + f32(d)[:, None] * xf
