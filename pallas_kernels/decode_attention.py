@@ -568,7 +568,12 @@ def decode_attention_reference(
     keys = dense(k_pages, k_scales)
     values = keys[..., : cfg.value_dim] if v_pages is None else dense(v_pages, v_scales)
     slot = jnp.arange(s_len, dtype=jnp.int32)[None, :]
-    kv_pos, exists = cfg.slot_position(slot, arrays["lengths"][:, None], arrays["kv_offset"][:, None])  # [B, S]
+    length, offset = arrays["lengths"][:, None], arrays["kv_offset"][:, None]
+    exists = slot < length  # [B, S]
+    if ring is None:
+        kv_pos = offset + slot
+    else:  # the latest position p < length with p % W == slot (written independently of the kernels' form)
+        kv_pos = offset + length - 1 - jnp.mod(length - 1 - slot, ring)
     has_page = jnp.repeat(table >= 0, cfg.page_size, axis=1)[:, :s_len]
     visible = (exists & has_page)[:, None, :]  # [B, 1, S]
     if cfg.mask_fn is not None:

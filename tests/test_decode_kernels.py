@@ -109,7 +109,7 @@ def _window(left):
     return lambda q_pos, kv_pos, q_vals, kv_vals: (kv_pos <= q_pos) & (kv_pos >= q_pos - left)
 
 
-KERNELS = ["xla"]
+KERNELS = ["xla", "triton"]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -178,12 +178,34 @@ def test_sliding_window_block_map(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_ring_layout(kernel):
-    """A rolling cache of W = 24 slots: sequences that wrapped (lengths 50, 24) and one that did not (9)."""
-    w = 24
-    args = _problem(5, c=32, lengths=(32, 32, 9))
-    args["lengths"] = jnp.asarray([50, 24, 9], jnp.int32)
-    args["q_positions"] = jnp.asarray([[49], [23], [8]], jnp.int32)
-    _compare(args, TOL[jnp.float32], kernel, block_k=16, ring=w, mask_fn=_window(w))
+    """A rolling cache of W = 24 slots filled from a token stream (position p in slot p % W): sequences that
+    wrapped (lengths 50, 24) and one that did not (9), under a window as wide as the ring; checked against float64
+    attention over the stream itself, not over the ring."""
+    w, left, b, k, g, h = 24, 23, 3, 2, 2, 16
+    lengths = np.array([50, 24, 9])
+    rng = np.random.default_rng(5)
+    stream = rng.standard_normal((b, 50, k, h))
+    q = rng.standard_normal((b, 1, k * g, h))
+    ring = np.full((b, w, k, h), np.nan)
+    for i, length in enumerate(lengths):
+        for pos in range(length):
+            ring[i, pos % w] = stream[i, pos]
+    pages, table = _paged(rng, ring, np.minimum(lengths, w), 8)
+    args = dict(
+        q=jnp.asarray(q, jnp.float32),
+        k_pages=jnp.asarray(pages, jnp.float32),
+        v_pages=jnp.asarray(pages, jnp.float32),
+        page_table=jnp.asarray(table),
+        lengths=jnp.asarray(lengths, jnp.int32),
+        q_positions=jnp.asarray(lengths[:, None] - 1, jnp.int32),
+    )
+    out, _ = _compare(args, TOL[jnp.float32], kernel, block_k=16, ring=w, mask_fn=_window(left))
+    for i, length in enumerate(lengths):
+        seen = stream[i, max(0, length - 1 - left) : length]  # [S, K, H]
+        s = np.einsum("kgh,skh->kgs", q[i, 0].reshape(k, g, h), seen) / np.sqrt(h)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ref = np.einsum("kgs,skh->kgh", p / p.sum(-1, keepdims=True), seen).reshape(k * g, h)
+        np.testing.assert_allclose(out[i, 0], ref, atol=2e-5)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

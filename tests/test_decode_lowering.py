@@ -1,0 +1,57 @@
+"""The decode kernels lower for GPU (Triton) on this CPU-only machine.
+
+``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` runs the Pallas lowering of the body to
+Triton IR, so a construct Triton cannot express (the page-table gathers, the dequantisation, the mask
+function on index tiles) fails here rather than on the accelerator. Compiling needs the device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.decode_attention import decode_attention
+
+B, T, N, K, H = 2, 4, 32, 8, 128  # GQA 32/8, four query rows (speculative verification)
+P, PS, M = 64, 16, 8
+CALL = "__gpu$xla.gpu.triton"
+
+
+def _window(q_pos, kv_pos, q_vals, kv_vals):
+    return (kv_pos <= q_pos) & (kv_pos > q_pos - 100) & (kv_vals[0] == q_vals[0])
+
+
+def _lower(dtype, *, head_dim=H, value_dim=None, keys_only=False, masked=False, ring=None, softcap=None):
+    quantized = jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+    q_dtype = jnp.bfloat16
+    hv = value_dim or head_dim
+    pages = jax.ShapeDtypeStruct((P, PS, K, head_dim), dtype)
+    args = dict(
+        q=jax.ShapeDtypeStruct((B, T, N, head_dim), q_dtype),
+        k_pages=pages,
+        v_pages=None if keys_only else jax.ShapeDtypeStruct((P, PS, K, hv), dtype),
+        page_table=jax.ShapeDtypeStruct((B, M), jnp.int32),
+        lengths=jax.ShapeDtypeStruct((B,), jnp.int32),
+        q_positions=jax.ShapeDtypeStruct((B, T), jnp.int32),
+        k_scales=jax.ShapeDtypeStruct((P, PS, K), jnp.float32) if quantized else None,
+        v_scales=jax.ShapeDtypeStruct((P, PS, K), jnp.float32) if quantized and not keys_only else None,
+        q_vals=(jax.ShapeDtypeStruct((B, T), jnp.int32),) if masked else (),
+        kv_vals=(jax.ShapeDtypeStruct((B, M * PS), jnp.int32),) if masked else (),
+    )
+    static = dict(kernel="triton", mask_fn=_window if masked else None, ring=ring, softcap=softcap,
+                  value_dim=value_dim if keys_only else None, block_k=32, num_splits=4)  # fmt: skip
+    fn = jax.jit(functools.partial(decode_attention, **static))
+    return fn.trace(**args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.int8, jnp.float8_e4m3fn])
+def test_paged_decode_lowers(dtype):
+    assert _lower(dtype, masked=True, softcap=30.0).count(CALL) == 1
+
+
+def test_ring_and_keys_only_lower():
+    assert _lower(jnp.bfloat16, ring=100).count(CALL) == 1
+    assert _lower(jnp.int8, head_dim=64, value_dim=32, keys_only=True).count(CALL) == 1
