@@ -127,6 +127,35 @@ def test_int8_roundtrip_and_bytes(kind):
     assert np.all(np.abs(np.asarray(view.keys[0])[valid] - np.asarray(exact.keys[0])[valid]) <= bound[0])
 
 
+@pytest.mark.parametrize("kind", ["dense", "rolling", "paged"])
+def test_fp8_roundtrip_and_bytes(kind):
+    make = {
+        "dense": lambda q: KVCache.create(1, 8, quantized=q, **SIZES),
+        "rolling": lambda q: RollingKVCache.create(1, 8, quantized=q, **SIZES),
+        "paged": lambda q: PagedKVCache.create(1, num_pages=2, page_size=4, quantized=q, **SIZES),
+    }[kind]
+    k = jax.random.normal(jax.random.key(0), (1, 5, 2, 4)) * jnp.array([1e-3, 1.0, 10.0, 100.0])  # wide range
+    plain, fp8, int8 = make(False), make("fp8"), make("int8")
+    assert fp8.storage.keys.dtype == jnp.float8_e4m3fn and fp8.storage.quantization == "fp8"
+    assert fp8.bytes_per_token == int8.bytes_per_token == 2 * (4 + 4) + 2 * 2 * 4
+    _, exact = _update(plain, k, k)
+    for cache, step in ((fp8, None), (int8, 254)):
+        _, view = _update(cache, k, k)
+        valid = np.asarray(view.kv_valid[0])
+        error = np.abs(np.asarray(view.values[0])[valid] - np.asarray(exact.values[0])[valid])
+        x = np.asarray(exact.values[0])[valid]
+        top = np.max(np.abs(x), axis=-1, keepdims=True)
+        if step is None:
+            # e4m3 keeps 3 mantissa bits: half a step is 2**-4 of the entry; below the normal range (2**-6 of the
+            # scale unit) the subnormal step is 2**-9 units, scale = max|x| / 448.
+            bound = np.maximum(np.abs(x) * 2.0**-4, top / 448 * 2.0**-10) * (1 + 1e-6)
+        else:
+            bound = top / step * (1 + 1e-6)
+        assert np.all(error <= bound), (kind, step)
+    with pytest.raises(ValueError, match="quantized must be False, True, 'int8' or 'fp8'"):
+        make("int4")
+
+
 def test_keys_only_cache():
     cache = KVCache.create(1, 4, num_kv_heads=1, head_dim=20, value_head_dim=0)
     assert cache.elements_per_token == 20 and cache.storage.values is None

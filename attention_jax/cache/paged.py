@@ -179,12 +179,15 @@ class PagedKVCache(base.Cache):
 
     def fork(self, src: int | Array, dst: int | Array) -> PagedKVCache:
         """Sequence ``dst`` becomes a copy of sequence ``src`` that shares its pages (``src``, ``dst``: ints or
-        ``[F]`` ints, pairwise). ``dst``'s own pages are released first. Later writes copy a shared page before
+        ``[F]`` ints, pairwise; one ``src`` for many ``dst`` forks it many times). ``dst``'s own pages are
+        released first. Later writes copy a shared page before
         writing into it, so each sequence reads what it wrote.
 
         ``dst`` entries must be distinct and none may be a ``src`` (checked where concrete).
         """
         src, dst = jnp.atleast_1d(jnp.asarray(src, jnp.int32)), jnp.atleast_1d(jnp.asarray(dst, jnp.int32))
+        if src.shape == (1,) and dst.ndim == 1:
+            src = jnp.broadcast_to(src, dst.shape)
         if src.ndim != 1 or src.shape != dst.shape:
             raise ValueError(f"src and dst must be ints or [F] ints of one shape, got {src.shape} and {dst.shape}.")
         if not isinstance(src, jax.core.Tracer) and not isinstance(dst, jax.core.Tracer):
