@@ -52,16 +52,28 @@ class ChunkMath:
 
     def forward(self, v, b, c, cum_col, cum_row, enter, leave, runs_col, runs_row, h):
         """``(y [L, H] float32, h' [F, H] float32)`` for ``v [L, H]``, ``b, c [L, F]``, ``h [F, H]``."""
+        y = self.output(v, b, c, cum_col, cum_row, enter, runs_col, runs_row, h)
+        return y, self._last(enter) * h + self.own_state(v, b, leave)
+
+    def output(self, v, b, c, cum_col, cum_row, enter, runs_col, runs_row, h):
+        """``y [L, H]`` float32: the chunk's own tokens (attention-like) and the state ``h`` before it."""
         decay = self._decay(cum_col, cum_row, runs_col, runs_row)  # [L, L]
         probs = self._dot(c, b, _NT) * decay  # [L, L]
-        y = self._dot(probs.astype(v.dtype), v, _NN) + enter * self._dot(c, h.astype(c.dtype), _NN)
-        h_next = self._last(enter) * h + self._dot((leave * b).astype(v.dtype), v, _TN)
-        return y, h_next
+        return self._dot(probs.astype(v.dtype), v, _NN) + enter * self._dot(c, h.astype(c.dtype), _NN)
 
-    def backward(self, v, b, c, cum_col, cum_row, enter, leave, runs_col, runs_row, h, dy, dh_next):
+    def own_state(self, v, b, leave):
+        """``(leave * b)^T v [F, H]`` float32: what the chunk's tokens add to the state at its end."""
+        return self._dot((leave * b).astype(v.dtype), v, _TN)
+
+    def state_grad(self, c, enter, dy):
+        """``(enter * c)^T dy [F, H]`` float32: the gradient of the state before the chunk through ``y``."""
+        return self._dot((enter * c).astype(dy.dtype), dy, _TN)
+
+    def backward(self, v, b, c, cum_col, cum_row, enter, leave, runs_col, runs_row, h, dy, dh_next, with_dh=True):
         """Gradients of one chunk: ``dv [L, H]``, ``db, dc [L, F]``, ``dcum`` as a column ``[L, 1]`` (the
-        ``t`` side) plus a row ``[1, L]`` (the ``s`` side), ``denter, dleave [L, 1]`` and ``dh [F, H]``,
-        all float32; ``h`` is the state before the chunk, ``dh_next`` the gradient of the state after it."""
+        ``t`` side) plus a row ``[1, L]`` (the ``s`` side), ``denter, dleave [L, 1]`` and ``dh [F, H]``
+        (None unless ``with_dh``), all float32; ``h`` is the state before the chunk, ``dh_next`` the
+        gradient of the state after it."""
         dtype = v.dtype
         decay = self._decay(cum_col, cum_row, runs_col, runs_row)  # [L, L]
         scores = self._dot(c, b, _NT)  # [L, L]
@@ -81,5 +93,5 @@ class ChunkMath:
         dpass = jnp.sum(jnp.sum(dh_next * h, axis=1, keepdims=True), axis=0, keepdims=True)  # [1, 1]
         last = lax.broadcasted_iota(jnp.int32, enter.shape, 0) == self.chunk - 1
         denter = jnp.sum(dy.astype(jnp.float32) * state_read, axis=1, keepdims=True) + jnp.where(last, dpass, 0.0)
-        dh = self._last(enter) * dh_next + self._dot((enter * c).astype(dtype), dy.astype(dtype), _TN)
+        dh = self._last(enter) * dh_next + self.state_grad(c, enter, dy) if with_dh else None
         return dv, db, dc, dcum_col, dcum_row, denter, dleave, dh

@@ -6,8 +6,10 @@
     y_t = h_t c_t
 
 in chunks of ``chunk_size`` tokens: inside a chunk as attention-like matmuls (``c b^T`` masked by the decay
-``exp(cum_t - cum_s)``, times ``dt x``), between chunks through the state, which each kernel program
-carries from chunk to chunk itself (one program per batch row and head; the chunks run in order inside it).
+``exp(cum_t - cum_s)``, times ``dt x``), between chunks through the state. Two schedules: ``"fused"``, one
+program per batch row and head that walks its chunks in order carrying the state (Triton and Mosaic TPU),
+and ``"chunks"`` (Triton), programs per chunk for the matmuls and a launch in between that carries the
+states across chunks (for batches too small to fill a GPU with batch rows x heads programs).
 Layouts: ``x [B, T, N, H]``, ``dt [B, T, N]``, ``a [N]``, ``b, c [B, T, K, F]`` (head ``n`` reads group
 ``n // (N // K)``), state ``[B, N, H, F]`` float32.
 
@@ -47,8 +49,12 @@ from pallas_kernels.flash_attention import resolve_backend
 
 Array = jax.Array
 MIN_CHUNK = 16  # the smallest tile side the GPU dots take
+SCHEDULES = ("fused", "chunks")
+# Below this many (batch row, head) programs the GPU runs the chunk-parallel schedule by default, so that a
+# short batch still fills the device's multiprocessors (a guess from H100's 132 SMs; not yet measured).
+FUSED_MIN_PROGRAMS = 256
 
-__all__ = ["ssd_scan", "ssd_scan_reference", "MIN_CHUNK"]
+__all__ = ["ssd_scan", "ssd_scan_reference", "MIN_CHUNK", "SCHEDULES"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +63,19 @@ class _Config:
     backend: str
     interpret_mode: bool
     num_warps: int
+    schedule: str = "fused"
 
     @property
     def body(self):
         return _ssd_mosaic_tpu if self.backend == "tpu" else _ssd_triton
+
+    @property
+    def forward(self):
+        return _ssd_triton.forward_chunks if self.schedule == "chunks" else self.body.forward
+
+    @property
+    def backward(self):
+        return _ssd_triton.backward_chunks if self.schedule == "chunks" else self.body.backward
 
     @property
     def kwargs(self):
@@ -133,19 +148,19 @@ def _chunk_factors(dt: Array, a: Array, runs: Array, chunk: int) -> tuple[Array,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(cfg: _Config, v, b, c, cum, enter, leave, runs, h0):
-    y, h, _ = cfg.body.forward(cfg.math, v, b, c, cum, enter, leave, runs, h0, **cfg.kwargs)
+    y, h, _ = cfg.forward(cfg.math, v, b, c, cum, enter, leave, runs, h0, **cfg.kwargs)
     return y, h
 
 
 def _scan_fwd(cfg: _Config, v, b, c, cum, enter, leave, runs, h0):
-    y, h, states = cfg.body.forward(cfg.math, v, b, c, cum, enter, leave, runs, h0, **cfg.kwargs)
+    y, h, states = cfg.forward(cfg.math, v, b, c, cum, enter, leave, runs, h0, **cfg.kwargs)
     return (y, h), (v, b, c, cum, enter, leave, runs, states)
 
 
 def _scan_bwd(cfg: _Config, residuals, cotangents):
     v, b, c, cum, enter, leave, runs, states = residuals
     dy, dh = cotangents
-    dv, db, dc, dcum, denter, dleave, dh0 = cfg.body.backward(
+    dv, db, dc, dcum, denter, dleave, dh0 = cfg.backward(
         cfg.math, v, b, c, cum, enter, leave, runs, states, dy, dh, **cfg.kwargs
     )
     batch, tp, groups, f = b.shape
@@ -181,6 +196,7 @@ def ssd_scan(
     backend: str | None = None,
     interpret: bool | None = None,
     num_warps: int = 4,
+    schedule: str | None = None,
 ) -> tuple[Array, Array]:
     """Differentiable chunked SSD scan: ``(y [B, T, N, H] in x.dtype, final state [B, N, H, F] float32)``.
 
@@ -194,6 +210,11 @@ def ssd_scan(
       backend: ``"gpu"`` (Triton body), ``"tpu"`` (Mosaic body) or None (the default backend's).
       interpret: None interprets on CPU only; True forces the interpreter of the chosen body.
       num_warps: warps per Triton program.
+      schedule: ``"fused"``: one program per (batch row, head) walks its chunks in order, carrying the state
+        (one launch forward, one backward: the TPU body's only schedule); ``"chunks"`` (GPU only): programs
+        per chunk for the matmuls, with a launch between them that carries the states across chunks, for
+        batches too small to fill a GPU with (batch row, head) programs. None: ``"fused"`` on TPU, and on GPU
+        ``"fused"`` from ``FUSED_MIN_PROGRAMS`` (batch rows x heads) up, ``"chunks"`` below.
 
     Every input but ``runs`` gets a gradient (the backward is a Pallas kernel too).
     """
@@ -204,9 +225,15 @@ def ssd_scan(
         raise ValueError(f"chunk_size must be a power of two >= {MIN_CHUNK} for the SSD kernel, got {chunk_size=!r}.")
     backend, interpret = resolve_backend(backend, interpret)
     batch, length, heads, head_dim = x.shape
+    if schedule is None:
+        schedule = "chunks" if backend == "gpu" and batch * heads < FUSED_MIN_PROGRAMS else "fused"
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {schedule=!r}.")
+    if schedule == "chunks" and backend == "tpu":
+        raise ValueError("schedule='chunks' has no TPU body: the TPU kernel runs 'fused' (its grid walks the chunks).")
     state_dim = b.shape[-1]
     dtype = jnp.result_type(x)
-    cfg = _Config(ChunkMath(chunk_size, dtype == jnp.float32), backend, interpret, num_warps)
+    cfg = _Config(ChunkMath(chunk_size, dtype == jnp.float32), backend, interpret, num_warps, schedule)
     tp = -(-length // chunk_size) * chunk_size
     # Triton loads and dots want power-of-two tiles: zero-pad H and F (zeros add nothing, read nothing).
     hp, fp = (_pow2(head_dim), _pow2(state_dim)) if backend == "gpu" else (head_dim, state_dim)

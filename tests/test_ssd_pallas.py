@@ -59,18 +59,18 @@ def _loop64(x, dt, a, b, c, d, state):
     return y, h
 
 
-def _scan(implementation: str, backend: str | None = None):
+def _scan(implementation: str, backend: str | None = None, schedule: str | None = None):
     def run(x, dt, a, b, c, d, state):
         if implementation != "pallas" or backend is None:
             return selective_scan(
                 x, dt, a, b, c, d, implementation=implementation, chunk_size=CHUNK, segment_ids=jnp.asarray(SEGMENTS),
                 lengths=jnp.asarray(LENGTHS), state=state, return_state=True,
             )  # fmt: skip
-        # The kernel directly with the TPU body: runs and right padding as ssd_scan takes them.
+        # The kernel directly (a chosen body and schedule): runs and right padding as ssd_scan takes them.
         valid = jnp.arange(T) < jnp.asarray(LENGTHS)[:, None]
         runs = jnp.cumsum(jnp.asarray(np.diff(SEGMENTS, axis=1, prepend=SEGMENTS[:, :1]) != 0, jnp.int32), axis=1)
         y, h = ssd_scan(x, jnp.where(valid[..., None], dt, 0.0), a, b, c, runs=runs, state=state, chunk_size=CHUNK,
-                        backend=backend, interpret=True)  # fmt: skip
+                        backend=backend, interpret=True, schedule=schedule)  # fmt: skip
         return (y.astype(jnp.float32) + d[:, None] * x).astype(x.dtype), h
 
     return run
@@ -81,12 +81,13 @@ def _weights(seed: int):
     return rng.normal(size=(B, T, N, H)), rng.normal(size=(B, N, H, F))
 
 
-@pytest.mark.parametrize("backend", [None, "tpu"])  # None: through selective_scan (the Triton body on CPU)
-def test_values_and_gradients_match_float64_and_the_xla_form(backend):
+# None: through selective_scan (on CPU the Triton body; B x N = 8 programs picks its "chunks" schedule).
+@pytest.mark.parametrize("backend,schedule", [(None, None), ("gpu", "fused"), ("tpu", "fused")])
+def test_values_and_gradients_match_float64_and_the_xla_form(backend, schedule):
     inputs = _inputs(0)
     args = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
     w_y, w_s = _weights(1)
-    kernel, xla = _scan("pallas", backend), _scan("sequential")
+    kernel, xla = _scan("pallas", backend, schedule), _scan("sequential")
 
     def loss(run, args):
         y, s = run(**args)
@@ -151,16 +152,19 @@ def test_refusals_name_the_argument():
         ssd_scan(args["x"], args["dt"], per_channel, args["b"], args["c"])
     with pytest.raises(ValueError, match=r"runs must be integers"):
         ssd_scan(args["x"], args["dt"], args["a"], args["b"], args["c"], runs=jnp.zeros((B, T)))
+    with pytest.raises(ValueError, match="schedule='chunks' has no TPU body"):
+        ssd_scan(args["x"], args["dt"], args["a"], args["b"], args["c"], backend="tpu", schedule="chunks")
 
 
 # -- lowering for the accelerators -----------------------------------------------------------------
 
 CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+LAUNCHES = {"fused": (1, 2), "chunks": (3, 6)}  # kernels in the forward, and in forward + backward
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("platform,schedule", [("cuda", "fused"), ("cuda", "chunks"), ("tpu", "fused")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_forward_and_backward_lower(platform, dtype):
+def test_forward_and_backward_lower(platform, schedule, dtype):
     """Mamba-2's shapes (H = 64, F = 128, chunks of 64, G = 4 heads per group), T ragged (3 chunks + 8)."""
     backend = "tpu" if platform == "tpu" else "gpu"
     b_, t, n, k, h, f = 2, 200, 8, 2, 64, 128
@@ -175,12 +179,14 @@ def test_forward_and_backward_lower(platform, dtype):
     )
 
     def scan(x, dt, a, b, c, runs, state):
-        y, s = ssd_scan(x, dt, a, b, c, runs=runs, state=state, chunk_size=64, backend=backend, interpret=False)
+        y, s = ssd_scan(x, dt, a, b, c, runs=runs, state=state, chunk_size=64, backend=backend, interpret=False,
+                        schedule=schedule)  # fmt: skip
         return y.astype(jnp.float32).sum() + s.sum()
 
     lower = lambda f: jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()  # noqa: E731
-    assert lower(scan).count(CALL[platform]) == 1
-    assert lower(jax.grad(scan, argnums=(0, 1, 2, 3, 4, 6))).count(CALL[platform]) == 2  # forward, backward
+    forward, backward = LAUNCHES[schedule]
+    assert lower(scan).count(CALL[platform]) == forward
+    assert lower(jax.grad(scan, argnums=(0, 1, 2, 3, 4, 6))).count(CALL[platform]) == backward
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
@@ -201,3 +207,17 @@ def test_bench_quick_runs(capsys):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[3:5] == [bench.ACCELERATOR_ONLY] * 2, row  # on this CPU the kernel is not timed
         assert float(cells[1]) > 0 and float(cells[7]) > 0, row  # chunked fwd ms, chunked GFLOP/s
+
+
+def test_mamba2_layer_runs_the_kernel_as_its_chunked_form():
+    from flax import nnx
+
+    from attention_jax.nn import Mamba, Mamba2
+
+    layers = {impl: Mamba2(16, head_dim=8, state_dim=4, chunk_size=16, implementation=impl, rngs=nnx.Rngs(0))
+              for impl in ("pallas", "chunked")}  # fmt: skip
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 21, 16)), jnp.float32)
+    ys = nnx.jit(lambda layers, x: {k: layer(x) for k, layer in layers.items()})(layers, x)
+    np.testing.assert_allclose(ys["pallas"], ys["chunked"], **TOL[jnp.float32])
+    with pytest.raises(ValueError, match="implementation='pallas'"):
+        Mamba(16, implementation="pallas", rngs=nnx.Rngs(0))

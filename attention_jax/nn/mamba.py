@@ -204,7 +204,8 @@ class Mamba2(_StateSpaceLayer):
       expand: inner channels ``E = expand * D``.
       conv_width: W, the taps of the causal convolution.
       chunk_size: tokens per chunk of the chunked scan.
-      implementation: the scan's form (``"chunked"``, ``"associative"``, ``"sequential"``); None: chunked.
+      implementation: the scan's form (``"chunked"``, ``"associative"``, ``"sequential"``, or ``"pallas"``: the
+        SSD kernel on GPU/TPU, ``chunk_size`` a power of two >= 16); None: chunked.
       dt_min, dt_max, dt_init_floor: the initial step sizes, log-uniform in ``[dt_min, dt_max]``.
       a_init_range: the initial ``-A``, uniform in this range.
       out_features: output width (default D). use_bias: biases of the two projections; conv_bias of the
@@ -333,9 +334,9 @@ class Mamba(_StateSpaceLayer):
             in_features=in_features, state_dim=state_dim, expand=expand, dt_rank=dt_rank, conv_width=conv_width
         )
         _check_options(implementation, dt_min, dt_max)
-        if implementation == "chunked":
-            raise ValueError("Mamba's decay is per channel and state entry; implementation='chunked' (SSD) needs one "
-                             "per head: use Mamba2, or 'associative' / 'sequential'.")  # fmt: skip
+        if implementation in ("chunked", "pallas"):
+            raise ValueError(f"Mamba's decay is per channel and state entry; implementation={implementation!r} (SSD) "
+                             "needs one per head: use Mamba2, or 'associative' / 'sequential'.")  # fmt: skip
         inner = expand * in_features
         self.in_features, self.state_dim, self.dt_rank = in_features, state_dim, dt_rank
         # The scan's heads are the channels, of size 1; chunk_size is unused (no chunked form for A [E, F]).
