@@ -165,9 +165,10 @@ LAUNCHES = {"fused": (1, 2), "chunks": (3, 6)}  # kernels in the forward, and in
 @pytest.mark.parametrize("platform,schedule", [("cuda", "fused"), ("cuda", "chunks"), ("tpu", "fused")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_forward_and_backward_lower(platform, schedule, dtype):
-    """Mamba-2's shapes (H = 64, F = 128, chunks of 64, G = 4 heads per group), T ragged (3 chunks + 8)."""
+    """Mamba-2's shapes (H = 64, F = 128, chunks of 64, G = 4 heads per group); T = 300 is 5 chunks (not a
+    power of two), the last one ragged."""
     backend = "tpu" if platform == "tpu" else "gpu"
-    b_, t, n, k, h, f = 2, 200, 8, 2, 64, 128
+    b_, t, n, k, h, f = 2, 300, 8, 2, 64, 128
     args = (
         jax.ShapeDtypeStruct((b_, t, n, h), dtype),
         jax.ShapeDtypeStruct((b_, t, n), jnp.float32),
