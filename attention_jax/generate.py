@@ -84,7 +84,7 @@ def generate(
     prompt_lengths: Array | None = None,
     eos_id: int | None = None,
     cache_kind: str = "dense",
-    quantized: bool = False,
+    quantized: bool | str = False,
     cache_options: dict[str, Any] | None = None,
     model_inputs: dict[str, Any] | None = None,
     draft: nnx.Module | None = None,
@@ -103,7 +103,8 @@ def generate(
         from its own length, at its own positions.
       eos_id: once a row emits it, the row's later tokens are ``eos_id`` too.
       cache_kind, quantized, cache_options: the caches (``model.init_cache(B, T + max_new_tokens,
-        kind=cache_kind, quantized=quantized, **cache_options)``).
+        kind=cache_kind, quantized=quantized, **cache_options)``; ``quantized``: False, True/``"int8"``
+        or ``"fp8"``). With a draft, both models' caches hold ``num_draft_tokens`` more.
       model_inputs: more keyword arguments (arrays, or pytrees of them) for every call of the model:
         an encoder-decoder's encoder output (``{"context": encoder_out, "context_lengths": n}``),
         computed once and read at every step.
@@ -286,12 +287,17 @@ def _speculate(graphdefs, states, prompt, lengths, caches, model_inputs, *, max_
     counters = jnp.array([1, 1, 0], jnp.int32)  # target calls, draft calls, accepted drafts
 
     def keep_accepted(which, cache, before, block, kept, active):
-        """The cache holding the block's first ``kept [B]`` tokens: roll back the rest, or re-read them."""
+        """The cache holding the block's first ``kept [B]`` tokens, and whether the model was called again: roll
+        back the rest, or (a cache that cannot) re-read the kept tokens into the cache from before the block."""
+        rejected = jnp.where(active, block.shape[1] - kept, 0)
         if not rerun[which]:
-            rejected = jnp.where(active, block.shape[1] - kept, 0)
             return jax.tree.map(lambda c: c.rollback(rejected), cache, is_leaf=_is_cache), 0
-        _, cache = call(which, block, before, jnp.where(active, kept, 0))
-        return cache, 1
+        reread = lambda: call(which, block, before, jnp.where(active, kept, 0))[1]
+        if which == 1:  # the draft has not read its last proposal: it always reads the block again
+            return reread(), 1
+        # The target already holds the whole block when nothing was rejected.
+        again = jnp.any(rejected > 0)
+        return jax.lax.cond(again, reread, lambda: cache), again.astype(jnp.int32)
 
     def body(carry):
         out, count, token, target_cache, draft_cache, counters = carry
