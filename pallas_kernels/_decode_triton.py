@@ -6,7 +6,9 @@ then PARTIAL ones (slot existence, pages ``-1`` and the mask function on index t
 row sees zeroed). Each step reads the tile's page indices from the page table (a vector load of
 ``block_k`` entries) and gathers the tile's K/V rows by pointer arithmetic from the pool viewed as
 ``[P * ps, K, H]`` (a free reshape), so any page size works with any ``block_k``. Quantised tiles
-(int8, float8_e4m3fn) are dequantised after the load with their per-token scales. Partials and the
+(int8, float8_e4m3fn) are dequantised after the load with their per-token scales. Head dims that
+are not powers of two (MLA's ``512 + 64``) load in power-of-two pieces whose scores add up; ``Hv``
+must be a power of two >= 16. Partials and the
 float32 logsumexp go out per split; ``decode_attention`` merges them.
 
 Layouts: ``q [B, K, Rp, H]`` rows, ``k [P * ps, K, H]``, ``v [P * ps, K, Hv]`` (or the keys' first
@@ -24,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._flash_tile import TileMath
+from pallas_kernels._flash_tile import LOG2E, TileMath
 
 MIN_BLOCK = 16
 
@@ -35,10 +37,35 @@ def _next_power_of_2(n: int) -> int:
 
 def unsupported_reason(cfg) -> str | None:
     """Why the Triton body cannot serve ``cfg`` (None: it can)."""
-    for name, dim in (("H", cfg.head_dim), ("Hv", cfg.value_dim)):
-        if dim < MIN_BLOCK or dim & (dim - 1):
-            return f"kernel='triton' needs power-of-two head dims >= {MIN_BLOCK} (no padded pool), got {name}={dim}."
+    if cfg.head_dim % MIN_BLOCK:
+        return f"kernel='triton' needs H a multiple of {MIN_BLOCK} (the pool is never padded), got H={cfg.head_dim}."
+    hv = cfg.value_dim
+    if hv < MIN_BLOCK or hv & (hv - 1):
+        return f"kernel='triton' needs a power-of-two Hv >= {MIN_BLOCK} (the pool is never padded), got Hv={hv}."
     return None
+
+
+def head_chunks(head_dim: int) -> tuple[tuple[int, int], ...]:
+    """``(offset, size)`` power-of-two pieces of the head dim, largest first (Triton tiles are powers of two).
+
+    MLA's latent keys (``512 + 64``) load as two pieces and their scores add up.
+
+    >>> head_chunks(576), head_chunks(128)
+    (((0, 512), (512, 64)), ((0, 128),))
+    """
+    chunks, offset = [], 0
+    for bit in reversed(range(head_dim.bit_length())):
+        if head_dim & (1 << bit):
+            chunks.append((offset, 1 << bit))
+            offset += 1 << bit
+    return tuple(chunks)
+
+
+def _base2_scores(tm: TileMath, s):
+    """``log2(e) * softcap(scale * s)``: the scores of :meth:`TileMath.logits` from a raw ``q.k`` tile."""
+    if tm.softcap is None:
+        return s * (tm.scale * LOG2E)
+    return jnp.tanh(s * (tm.scale / tm.softcap)) * (tm.softcap * LOG2E)
 
 
 def _kernel(meta_ref, order_ref, table_ref, q_ref, qpos_ref, k_ref, v_ref, ks_ref, vs_ref, qv_refs, kvv_refs,
@@ -47,7 +74,8 @@ def _kernel(meta_ref, order_ref, table_ref, q_ref, qpos_ref, k_ref, v_ref, ks_re
     length, offset, num_full, num_partial, per_split = (meta_ref[i] for i in range(5))
     first = pl.program_id(2) * per_split
     last = jnp.minimum(first + per_split, num_full + num_partial)
-    q = q_ref[...]  # [Rp, H]
+    chunks = head_chunks(cfg.head_dim)
+    q = tuple(q_ref[:, pl.ds(off, size)] for off, size in chunks)  # [Rp, H] in power-of-two pieces
     q_pos = qpos_ref[...][:, None]  # [Rp, 1]
     q_vals = tuple(r[...][:, None] for r in qv_refs)
     lanes = jnp.arange(bk, dtype=jnp.int32)
@@ -63,12 +91,13 @@ def _kernel(meta_ref, order_ref, table_ref, q_ref, qpos_ref, k_ref, v_ref, ks_re
         slot = tile * bk + lanes  # [bk] logical slots
         page = table_ref[jnp.minimum(slot // ps, cfg.max_pages - 1)]  # [bk]
         flat = jnp.maximum(page, 0) * ps + slot % ps  # rows of the [P * ps] pool
-        k = dequantize(k_ref[flat, :], ks_ref, flat)  # [bk, H]
+        dots = [tm.dot_nt(qc, dequantize(k_ref[flat, pl.ds(off, size)], ks_ref, flat))  # [Rp, bk]
+                for qc, (off, size) in zip(q, chunks)]  # fmt: skip
         if v_ref is None:  # keys-only cache: the values are the keys' first Hv channels
             v = dequantize(k_ref[flat, pl.ds(0, hv)], ks_ref, flat)
         else:
             v = dequantize(v_ref[flat, :], vs_ref, flat)  # [bk, Hv]
-        s2, _, _ = tm.logits(q, k)  # [Rp, bk], base 2
+        s2 = _base2_scores(tm, functools.reduce(jnp.add, dots))  # [Rp, bk]
         mask = None
         if masked:
             kv_pos, exists = cfg.slot_position(slot, length, offset)
@@ -82,7 +111,7 @@ def _kernel(meta_ref, order_ref, table_ref, q_ref, qpos_ref, k_ref, v_ref, ks_re
             v = jnp.where(tm.seen_keys(mask, kv_major=False, reduce_first=True), v, jnp.zeros_like(v))
         return tm.online_softmax(s2, mask, m, denom, acc, v)
 
-    rows = q.shape[0]
+    rows = q_ref.shape[0]
     carry = (
         jnp.full((rows, 1), -jnp.inf, jnp.float32),
         jnp.zeros((rows, 1), jnp.float32),

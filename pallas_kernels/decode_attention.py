@@ -62,7 +62,7 @@ from pallas_kernels.mask_info import EMPTY, FULL, PARTIAL, num_blocks
 Array = jax.Array
 KERNELS = ("xla", "triton")
 QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
-DEFAULT_BLOCK_K = {"xla": 256, "triton": 64}
+DEFAULT_BLOCK_K = {"xla": 128, "triton": 64}
 
 __all__ = ["decode_attention", "decode_attention_reference", "decode_block_map", "dense_as_pages"]
 
@@ -335,13 +335,15 @@ def combine_splits(out: Array, lse: Array) -> tuple[Array, Array]:
 # -- the XLA body ----------------------------------------------------------------------------------
 
 
-def _xla_rows(cfg: DecodeConfig, q_rows, k_flat, v_flat, k_scales, v_scales, plan: VisitPlan, arrays):
+def _xla_rows(cfg: DecodeConfig, q_rows, k_pages, v_pages, k_scales, v_scales, plan: VisitPlan, arrays):
     """Blockwise XLA body: ``(out [B, K, C, R, Hv] f32, lse [B, K, C, R] f32, steps)``.
 
     A ``fori_loop`` over visit steps; step ``i`` gathers, for every (sequence, split), the pages of one
     key tile (``[B, C, bk, K, H]``) and updates that split's online softmax. The trip count is the
     longest chunk of the batch, so EMPTY tiles cost nothing and a window visits only its tiles.
-    Temporaries are per tile: nothing scales with the pool or the cache length.
+    Temporaries are per tile: nothing scales with the pool or the cache length. The gather moves
+    units of ``u = gcd(ps, bk)`` contiguous slots (the pool viewed as ``[P * ps / u, u, K, H]``, a free
+    reshape): whole pages when pages are smaller than the tile, whole tiles when they are larger.
     """
     b, c, bk, ps, kh = cfg.batch, cfg.num_splits, cfg.block_k, cfg.page_size, cfg.num_kv_heads
     rows, hv = cfg.rows, cfg.value_dim
@@ -356,21 +358,33 @@ def _xla_rows(cfg: DecodeConfig, q_rows, k_flat, v_flat, k_scales, v_scales, pla
     kv_vals = tuple(jnp.pad(x, ((0, 0), (0, max(0, cfg.num_tiles * bk - x.shape[1])))) for x in arrays["kv_vals"])
     precision = lax.Precision.HIGHEST if cfg.compute_dtype == jnp.float32 else None
     rows_idx = jnp.arange(b)[:, None, None]
+    unit = math.gcd(ps, bk)
+
+    def units(x):  # [P, ps, ...] -> [P * ps / u, u, ...]
+        return None if x is None else x.reshape(x.shape[0] * ps // unit, unit, *x.shape[2:])
+
+    k_units, v_units, ks_units, vs_units = (units(x) for x in (k_pages, v_pages, k_scales, v_scales))
 
     def step(i, carry):
         m_prev, l_prev, acc_prev = carry
         idx = first + i  # [B, C]
         active = idx < last
         tile = jnp.take_along_axis(plan.order, jnp.clip(idx, 0, cfg.num_tiles - 1), axis=1)  # [B, C]
+        first_slot = tile[..., None] * bk + jnp.arange(0, bk, unit, dtype=jnp.int32)  # [B, C, bk / u]
+        unit_page = arrays["page_table"][rows_idx, jnp.minimum(first_slot // ps, cfg.max_pages - 1)]
+        flat = jnp.maximum(unit_page, 0) * (ps // unit) + first_slot % ps // unit  # [B, C, bk / u]
+
+        def gather(x):  # one tile of every (sequence, split): [B, C, bk, ...]
+            return x[flat].reshape(b, c, bk, *x.shape[2:])
+
         slot = tile[..., None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [B, C, bk]
-        page = arrays["page_table"][rows_idx, jnp.minimum(slot // ps, cfg.max_pages - 1)]  # [B, C, bk]
-        flat = jnp.maximum(page, 0) * ps + slot % ps
+        page = jnp.repeat(unit_page, unit, axis=-1)
         kv_pos, exists = cfg.slot_position(slot, length[:, None, None], offset[:, None, None])
         live = exists & (page >= 0) & active[..., None]  # [B, C, bk]
-        k = k_flat[flat].astype(cfg.compute_dtype)  # [B, C, bk, K, H]
+        k = gather(k_units).astype(cfg.compute_dtype)  # [B, C, bk, K, H]
         s = jnp.einsum("BKRH,BCSKH->BCKRS", q_rows, k, precision=precision, preferred_element_type=jnp.float32)
         if k_scales is not None:
-            s = s * jnp.moveaxis(k_scales[flat], -1, 2)[:, :, :, None, :]  # [B, C, K, 1, bk]
+            s = s * jnp.moveaxis(gather(ks_units), -1, 2)[:, :, :, None, :]  # [B, C, K, 1, bk]
         s = s * cfg.scale
         if cfg.softcap is not None:
             s = cfg.softcap * jnp.tanh(s / cfg.softcap)
@@ -380,10 +394,10 @@ def _xla_rows(cfg: DecodeConfig, q_rows, k_flat, v_flat, k_scales, v_scales, pla
             visible = visible & cfg.mask_fn(q_pos, kv_pos[:, :, None, None, :], q_vals, kv)
         s = jnp.where(visible, s, -jnp.inf)  # [B, C, K, R, bk]
         seen = jnp.any(jnp.broadcast_to(visible, s.shape[:2] + (1,) + s.shape[3:]), axis=3)  # [B, C, 1, bk]
-        v = k_flat[flat][..., :hv] if v_flat is None else v_flat[flat]  # [B, C, bk, K, Hv]
+        v = gather(k_units)[..., :hv] if v_units is None else gather(v_units)  # [B, C, bk, K, Hv]
         v = v.astype(jnp.float32 if v_scales is not None else cfg.compute_dtype)
         if v_scales is not None:
-            v = v * v_scales[flat][..., None]
+            v = v * gather(vs_units)[..., None]
         v = jnp.where(jnp.moveaxis(seen, 2, -1)[..., None], v, jnp.zeros_like(v))  # NaN-safe P @ V
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))  # [B, C, K, R]
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -420,13 +434,13 @@ def _run(cfg: DecodeConfig, arrays, q, k_pages, v_pages, k_scales, v_scales, ker
     q_rows = _to_rows(q, cfg).astype(cfg.compute_dtype)  # [B, K, R, H]
     if cfg.keys_only:  # the values are the keys' first channels: their scales too
         v_scales = k_scales
-    flat = tuple(_flat_pages(x) for x in (k_pages, v_pages, k_scales, v_scales))
     steps = None
     if kernel == "xla":
-        out, lse, steps = _xla_rows(cfg, q_rows, *flat, plan, arrays)
+        out, lse, steps = _xla_rows(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays)
     else:
         from pallas_kernels import _decode_triton
 
+        flat = tuple(_flat_pages(x) for x in (k_pages, v_pages, k_scales, v_scales))
         out, lse = _decode_triton.forward(cfg, q_rows, *flat, plan, arrays, interpret=interpret)
     out, lse = combine_splits(out, lse)  # [B, K, R, Hv], [B, K, R]
     out, lse = _from_rows(out, lse, cfg)

@@ -210,10 +210,10 @@ def test_ring_layout(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_mla_keys_only(kernel):
-    """MLA's latent cache: K = 1, the values are the first 32 of 64 key channels."""
-    args = _problem(6, n=4, k=1, h=64, lengths=(64, 30, 7))
+    """MLA's latent cache: K = 1, keys of 64 + 16 channels (latent + RoPE), values the first 64."""
+    args = _problem(6, n=4, k=1, h=80, lengths=(64, 30, 7))
     args["v_pages"] = None
-    _compare(args, TOL[jnp.float32], kernel, block_k=16, value_dim=32, scale=0.1)
+    _compare(args, TOL[jnp.float32], kernel, block_k=16, value_dim=64, scale=0.1)
 
 
 def test_dense_cache_as_pages():

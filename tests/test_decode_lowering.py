@@ -24,20 +24,20 @@ def _window(q_pos, kv_pos, q_vals, kv_vals):
     return (kv_pos <= q_pos) & (kv_pos > q_pos - 100) & (kv_vals[0] == q_vals[0])
 
 
-def _lower(dtype, *, head_dim=H, value_dim=None, keys_only=False, masked=False, ring=None, softcap=None):
+def _lower(dtype, *, head_dim=H, value_dim=None, keys_only=False, masked=False, ring=None, softcap=None, kv_heads=K):
     quantized = jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
     q_dtype = jnp.bfloat16
     hv = value_dim or head_dim
-    pages = jax.ShapeDtypeStruct((P, PS, K, head_dim), dtype)
+    pages = jax.ShapeDtypeStruct((P, PS, kv_heads, head_dim), dtype)
     args = dict(
         q=jax.ShapeDtypeStruct((B, T, N, head_dim), q_dtype),
         k_pages=pages,
-        v_pages=None if keys_only else jax.ShapeDtypeStruct((P, PS, K, hv), dtype),
+        v_pages=None if keys_only else jax.ShapeDtypeStruct((P, PS, kv_heads, hv), dtype),
         page_table=jax.ShapeDtypeStruct((B, M), jnp.int32),
         lengths=jax.ShapeDtypeStruct((B,), jnp.int32),
         q_positions=jax.ShapeDtypeStruct((B, T), jnp.int32),
-        k_scales=jax.ShapeDtypeStruct((P, PS, K), jnp.float32) if quantized else None,
-        v_scales=jax.ShapeDtypeStruct((P, PS, K), jnp.float32) if quantized and not keys_only else None,
+        k_scales=jax.ShapeDtypeStruct((P, PS, kv_heads), jnp.float32) if quantized else None,
+        v_scales=jax.ShapeDtypeStruct((P, PS, kv_heads), jnp.float32) if quantized and not keys_only else None,
         q_vals=(jax.ShapeDtypeStruct((B, T), jnp.int32),) if masked else (),
         kv_vals=(jax.ShapeDtypeStruct((B, M * PS), jnp.int32),) if masked else (),
     )
@@ -54,4 +54,6 @@ def test_paged_decode_lowers(dtype):
 
 def test_ring_and_keys_only_lower():
     assert _lower(jnp.bfloat16, ring=100).count(CALL) == 1
-    assert _lower(jnp.int8, head_dim=64, value_dim=32, keys_only=True).count(CALL) == 1
+    # MLA's absorbed latent cache (DeepSeek: 512 latent + 64 RoPE channels, one KV head), bf16 and int8
+    for dtype in (jnp.bfloat16, jnp.int8):
+        assert _lower(dtype, head_dim=576, value_dim=512, keys_only=True, kv_heads=1).count(CALL) == 1
