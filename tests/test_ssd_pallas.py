@@ -120,13 +120,29 @@ def test_values_and_gradients_match_float64_and_the_xla_form(backend, schedule):
 
 
 def test_bfloat16_matmuls_stay_close_and_give_a_float32_state():
+    """bf16 ``x, b, c`` (the kernels' matmul operands): values and gradients within bf16 rounding of float32."""
     args = {k: jnp.asarray(v, jnp.bfloat16 if k in "xbc" else jnp.float32) for k, v in _inputs(3).items()}
-    y, state = jax.jit(_scan("pallas"))(**args)
+    w_y, w_s = _weights(4)
+    kernel, xla = _scan("pallas"), _scan("sequential")
+
+    def loss(run, args):
+        y, s = run(**args)
+        return jnp.sum(y.astype(jnp.float32) * w_y) + jnp.sum(s * w_s)
+
+    @jax.jit
+    def program(args):
+        wide = jax.tree.map(lambda v: v.astype(jnp.float32), args)  # the same (bf16-rounded) values in float32
+        return kernel(**args), jax.grad(lambda p: loss(kernel, p))(args), jax.grad(lambda p: loss(xla, p))(wide)
+
+    (y, state), grads, want_grads = program(args)
     assert y.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert all(grads[k].dtype == args[k].dtype for k in NAMES)
     want_y, want_state = _loop64(**{k: np.asarray(v, np.float64) for k, v in args.items()})
-    scale = np.abs(want_y).max()
-    np.testing.assert_allclose(np.asarray(y, np.float32), want_y, rtol=0.05, atol=0.02 * scale)
+    np.testing.assert_allclose(np.asarray(y, np.float32), want_y, rtol=0.05, atol=0.02 * np.abs(want_y).max())
     np.testing.assert_allclose(state, want_state, rtol=0.05, atol=0.02 * np.abs(want_state).max())
+    for name in NAMES:
+        got, want = np.asarray(grads[name], np.float32), np.asarray(want_grads[name])
+        np.testing.assert_allclose(got, want, rtol=0.05, atol=0.03 * np.abs(want).max(), err_msg=name)
 
 
 def test_the_reference_is_the_recurrence():
