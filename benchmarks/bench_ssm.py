@@ -58,20 +58,21 @@ def scan_flops(length: int) -> float:
     return 2.0 * HEADS * length * per_token
 
 
-def measure_scan(form: str, length: int, repeats: int) -> dict:
+def measure_scan(form: str, length: int, repeats: int, dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
 
     from attention_jax.functional import selective_scan
 
     keys = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(keys[0], (1, length, HEADS, HEAD_DIM))
+    x = jax.random.normal(keys[0], (1, length, HEADS, HEAD_DIM), dtype)
     dt = jax.nn.softplus(jax.random.normal(keys[1], (1, length, HEADS)) - 3.0)
-    b, c = (jax.random.normal(k, (1, length, 1, STATE)) for k in keys[2:])
+    b, c = (jax.random.normal(k, (1, length, 1, STATE), dtype) for k in keys[2:])
     a = -jnp.linspace(1.0, 8.0, HEADS)
     run = lambda *args: selective_scan(*args, implementation=form, chunk_size=CHUNK)  # noqa: E731
     forward = jax.jit(run)
-    backward = jax.jit(jax.grad(lambda *args: jnp.sum(run(*args) ** 2), argnums=(0, 1, 2, 3, 4)))
+    loss = lambda *args: jnp.sum(run(*args).astype(jnp.float32) ** 2)  # noqa: E731
+    backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     fwd = time_fn(lambda: forward(x, dt, a, b, c), repeats=repeats)
     bwd = time_fn(lambda: backward(x, dt, a, b, c), repeats=repeats)
     return dict(forward=fwd["median"], backward=bwd["median"], peak_mb=peak_rss_mb())
@@ -108,12 +109,12 @@ def measure_layer(kind: str, length: int, repeats: int) -> dict:
     return dict(forward=fwd["median"], backward=bwd["median"], peak_mb=peak_rss_mb())
 
 
-def measure(what: str, length: int, repeats: int) -> dict:
+def measure(what: str, length: int, repeats: int, dtype: str = "float32") -> dict:
     start = time.perf_counter()
     if what == "matmul":
         result = measure_matmul_rate(length or 2048)
     elif what in FORMS:
-        result = measure_scan(what, length, repeats)
+        result = measure_scan(what, length, repeats, dtype)
     else:
         result = measure_layer(what, length, repeats)
     result["seconds"] = time.perf_counter() - start
@@ -121,16 +122,16 @@ def measure(what: str, length: int, repeats: int) -> dict:
 
 
 def child(args) -> None:
-    print(json.dumps(measure(args.what, args.length, args.repeats)))
+    print(json.dumps(measure(args.what, args.length, args.repeats, args.dtype)))
 
 
-def point(what: str, length: int, repeats: int, in_process: bool = False) -> dict:
+def point(what: str, length: int, repeats: int, in_process: bool = False, dtype: str = "float32") -> dict:
     if in_process:  # no fresh process: quicker, but the peak memory is this process's so far
         try:
-            return measure(what, length, repeats)
+            return measure(what, length, repeats, dtype)
         except Exception as e:  # noqa: BLE001 - reported in the table, as a child's failure is
             return {"error": f"{type(e).__name__}: {e}"[:200]}
-    return run_child(SCRIPT, ["--child", what, "--length", str(length), "--repeats", str(repeats)])
+    return run_child(SCRIPT, ["--child", what, "--length", str(length), "--repeats", str(repeats), "--dtype", dtype])
 
 
 def _cell(result: dict, key: str) -> str:
@@ -164,6 +165,12 @@ def main(argv=None) -> None:
     p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated scan forms (default: all of {FORMS})")
     p.add_argument("--no-layer", action="store_true", help="skip the Mamba-2 layer against attention")
     p.add_argument("--in-process", action="store_true", help="run every point in this process (a smoke run)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of the scans' x, b and c (bfloat16: the kernel's matmuls on tensor cores / the MXU)",
+    )
     p.add_argument("--child", dest="what", help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
@@ -178,7 +185,7 @@ def main(argv=None) -> None:
     if load > 1.0:
         print(f"warning: load average {load:.1f}; timings are noisy on a busy machine", file=sys.stderr)
 
-    run = lambda what, length: point(what, length, repeats, args.in_process)  # noqa: E731
+    run = lambda what, length: point(what, length, repeats, args.in_process, args.dtype)  # noqa: E731
     rate = run("matmul", 1024 if args.quick else 2048)
     platform = rate.get("platform", "cpu")
     scan_rows = []
@@ -211,7 +218,7 @@ def main(argv=None) -> None:
         f"{repeats} calls after a compiling one, each point in "
         f"{'this one process (--in-process)' if args.in_process else 'a fresh process'}.",
         "",
-        f"### The scan forms (B=1, N={HEADS}, H={HEAD_DIM}, F={STATE}, chunks of {CHUNK}, float32)",
+        f"### The scan forms (B=1, N={HEADS}, H={HEAD_DIM}, F={STATE}, chunks of {CHUNK}, {args.dtype})",
         "",
         "Milliseconds; `fwd+bwd` is the gradient of every input. Peak MB is the process's resident peak. "
         f"`pallas` is the SSD kernel ({ACCELERATOR_ONLY}: on a CPU it would run in Pallas' interpreter).",
@@ -233,7 +240,7 @@ def main(argv=None) -> None:
             ),
         ]
     section = SECTION.format(platform.upper())
-    if args.quick or args.no_write or args.in_process or not layer_rows or forms != FORMS:
+    if args.quick or args.no_write or args.in_process or not layer_rows or forms != FORMS or args.dtype != "float32":
         print("\n".join(body))
     else:
         write_section(section, "\n".join(body))
