@@ -59,6 +59,7 @@ def test_a_perfect_draft_is_always_accepted():
     assert stats["target_calls"] == 1 + -(-(NEW - 1) // (DRAFT + 1))
 
 
+@pytest.mark.slow  # two more model shapes to compile (~12 s on a quiet core)
 def test_rolling_and_recurrent_caches():
     # Rolling caches get max_rollback extra slots (a window of 2 is shorter than a rejected block).
     _check(_target(window=2), _noisy(_target(window=2), 0.05), cache_kind="rolling")
