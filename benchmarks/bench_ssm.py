@@ -16,7 +16,7 @@ as a median of repeats after a compiling call. Run it on a quiet machine.
 
     python benchmarks/bench_ssm.py                   # the suite (~5 min on 2 cores); updates RESULTS.md
     python benchmarks/bench_ssm.py --quick           # T = 256, 512; prints only
-    python benchmarks/bench_ssm.py --quick --forms chunked,pallas --no-layer --in-process   # a smoke run
+    python benchmarks/bench_ssm.py --quick --forms chunked,pallas --no-layer --in-process --lengths 256  # smoke
 
 The section written is named after the platform (``Selective state spaces (CPU)``, ``(GPU)``, ``(TPU)``).
 """
@@ -164,6 +164,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
     p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated scan forms (default: all of {FORMS})")
     p.add_argument("--no-layer", action="store_true", help="skip the Mamba-2 layer against attention")
+    p.add_argument("--lengths", help="comma-separated T of the scan table (default: 256,512 --quick, else 1k..64k)")
     p.add_argument("--in-process", action="store_true", help="run every point in this process (a smoke run)")
     p.add_argument(
         "--dtype",
@@ -179,6 +180,8 @@ def main(argv=None) -> None:
         return child(args)
     forms = _forms(args.forms)
     scan_lengths = [256, 512] if args.quick else [1024, 4096, 16384, 65536]
+    if args.lengths:
+        scan_lengths = [int(t) for t in args.lengths.split(",")]
     layer_lengths = [] if args.no_layer else [256, 512] if args.quick else [1024, 4096, 16384]
     repeats = 1 if args.quick else 3
     load = load_average()
@@ -240,7 +243,8 @@ def main(argv=None) -> None:
             ),
         ]
     section = SECTION.format(platform.upper())
-    if args.quick or args.no_write or args.in_process or not layer_rows or forms != FORMS or args.dtype != "float32":
+    partial = forms != FORMS or not layer_rows or args.lengths or args.dtype != "float32"
+    if args.quick or args.no_write or args.in_process or partial:
         print("\n".join(body))
     else:
         write_section(section, "\n".join(body))

@@ -216,10 +216,10 @@ def test_bench_quick_runs(capsys):
     spec = importlib.util.spec_from_file_location("bench_ssm", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--quick", "--forms", "chunked,pallas", "--no-layer", "--in-process"])
+    bench.main(["--quick", "--forms", "chunked,pallas", "--no-layer", "--in-process", "--lengths", "256"])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| 256 |") or line.startswith("| 512 |")]
-    assert len(rows) == 2, out
+    rows = [line for line in out.splitlines() if line.startswith("| 256 |")]
+    assert len(rows) == 1, out
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[3:5] == [bench.ACCELERATOR_ONLY] * 2, row  # on this CPU the kernel is not timed
