@@ -28,6 +28,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._ssd_chunk import ChunkMath
 
+CARRY_ROWS = 16  # state rows per program of the chunk-parallel schedule's carry
+
 
 def _col(x):
     return x[:, None]
@@ -207,15 +209,17 @@ def _carry_kernel(p_ref, u_ref, h0_ref, hs_ref, h_ref, *, num_chunks: int, rever
 
 
 def _carry(p, u, h0, *, reverse: bool, interpret, num_warps: int):
-    """``h_i = p_i h_{i-1} + u_i`` over the chunks (in reverse order if ``reverse``) from ``h0``, one program
-    per (batch, head): ``(the h each chunk starts from [B, N, C, Fp, Hp], the last h [B, N, Fp, Hp])``."""
+    """``h_i = p_i h_{i-1} + u_i`` over the chunks (in reverse order if ``reverse``) from ``h0``: ``(the h each
+    chunk starts from [B, N, C, Fp, Hp], the last h [B, N, Fp, Hp])``. Elementwise, so the state's rows split
+    into programs of ``CARRY_ROWS`` (more programs stream the states than there are (batch, head) pairs)."""
     batch, heads, num_chunks, fp, hp = u.shape
-    state = pl.BlockSpec((None, None, fp, hp), lambda b_, n_: (b_, n_, 0, 0))
-    states = pl.BlockSpec((None, None, num_chunks, fp, hp), lambda b_, n_: (b_, n_, 0, 0, 0))
+    rows = min(fp, CARRY_ROWS)
+    state = pl.BlockSpec((None, None, rows, hp), lambda b_, n_, j: (b_, n_, j, 0))
+    states = pl.BlockSpec((None, None, num_chunks, rows, hp), lambda b_, n_, j: (b_, n_, 0, j, 0))
     return pl.pallas_call(
         functools.partial(_carry_kernel, num_chunks=num_chunks, reverse=reverse),
-        grid=(batch, heads),
-        in_specs=[pl.BlockSpec((None, None, num_chunks), lambda b_, n_: (b_, n_, 0)), states, state],
+        grid=(batch, heads, fp // rows),
+        in_specs=[pl.BlockSpec((None, None, num_chunks), lambda b_, n_, j: (b_, n_, 0)), states, state],
         out_specs=(states, state),
         out_shape=(jax.ShapeDtypeStruct(u.shape, jnp.float32), jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
