@@ -206,7 +206,9 @@ def ssd_scan(
       b, c: ``[B, T, K, F]`` input and output projections, shared by the ``N // K`` heads of a group.
       runs: int ``[B, T]`` nondecreasing document index (packed sequences), or None for one document.
       state: ``[B, N, H, F]`` the state the first run continues (default zeros); gets a gradient.
-      chunk_size: tokens per chunk, a power of two >= 16 (T is padded up to a multiple of it).
+      chunk_size: tokens per chunk, a power of two >= 16 (T is padded up to a multiple of it). A chunk is one
+        tile (``[L, L]`` scores in registers / VMEM): 64 suits the GPU bodies; the TPU's MXU fills from 128
+        (neither measured yet).
       backend: ``"gpu"`` (Triton body), ``"tpu"`` (Mosaic body) or None (the default backend's).
       interpret: None interprets on CPU only; True forces the interpreter of the chosen body.
       num_warps: warps per Triton program.
