@@ -33,7 +33,9 @@ the values are the first ``value_dim`` channels of the keys (MLA's absorbed late
 
 Bodies, named by lowering: ``kernel="xla"`` (this file: a blockwise XLA loop over the visit list,
 batched over sequences and splits; the CPU default), ``kernel="triton"`` (``_decode_triton``: one
-program per (sequence, key/value head, split) that reads the page table inside its loop).
+program per (sequence, key/value head, split) that reads the page table inside its loop) and
+``kernel="mosaic_tpu"`` (``_decode_mosaic_tpu``: page table and visit lists scalar-prefetched, K/V
+index maps that follow them). Each Pallas body names what it cannot serve (``unsupported_reason``).
 :func:`decode_attention_reference` gathers the dense cache and is the oracle of the tests.
 
 >>> import jax, jax.numpy as jnp
@@ -60,9 +62,9 @@ from jax import lax
 from pallas_kernels.mask_info import EMPTY, FULL, PARTIAL, num_blocks
 
 Array = jax.Array
-KERNELS = ("xla", "triton")
+KERNELS = ("xla", "triton", "mosaic_tpu")
 QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
-DEFAULT_BLOCK_K = {"xla": 128, "triton": 64}
+DEFAULT_BLOCK_K = {"xla": 128, "triton": 64, "mosaic_tpu": 128}
 
 __all__ = ["decode_attention", "decode_attention_reference", "decode_block_map", "dense_as_pages"]
 
@@ -110,8 +112,9 @@ class DecodeConfig:
         if self.ring is None:
             return offset + slot, (slot < length) & (slot < self.num_slots)
         w = self.ring
-        # floor((length - 1 - slot) / W) with a non-negative numerator (slot < W): truncation is floor.
-        wraps = jnp.maximum(length - 1 - slot + w, 0) // w - 1
+        # floor((length - 1 - slot) / W) with a non-negative numerator (slot < W): truncation is floor
+        # (lax.div: Mosaic lowers floor division of signed ints only with a device to ask).
+        wraps = lax.div(jnp.maximum(length - 1 - slot + w, 0), jnp.int32(w)) - 1
         return offset + slot + w * wraps, (slot < length) & (slot < w)
 
 
@@ -197,7 +200,7 @@ def _prepare(q, k_pages, v_pages, page_table, lengths, q_positions, kv_offset, r
         _check(jnp.shape(block_map) == (b, nk),
                f"block_map must be [B, nk]=[{b}, {nk}] for {block_k=}, got {jnp.shape(block_map)}.")  # fmt: skip
     if num_splits is None:
-        num_splits = 1 if kernel == "xla" else max(1, min(nk, 128 // max(1, b * kh)))
+        num_splits = max(1, min(nk, 128 // max(1, b * kh))) if kernel == "triton" else 1
     _check(isinstance(num_splits, int) and num_splits >= 1, f"num_splits must be a positive int, got {num_splits=}.")
     cfg = DecodeConfig(
         batch=b, q_len=t, num_kv_heads=kh, group=n // kh, head_dim=h, value_dim=hv, page_size=ps, max_pages=m,
@@ -437,6 +440,11 @@ def _run(cfg: DecodeConfig, arrays, q, k_pages, v_pages, k_scales, v_scales, ker
     steps = None
     if kernel == "xla":
         out, lse, steps = _xla_rows(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays)
+    elif kernel == "mosaic_tpu":
+        from pallas_kernels import _decode_mosaic_tpu
+
+        out, lse = _decode_mosaic_tpu.forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays,
+                                              interpret=interpret)  # fmt: skip
     else:
         from pallas_kernels import _decode_triton
 
@@ -494,7 +502,8 @@ def decode_attention(
       scale: score scale, default ``1 / sqrt(H)``; softcap: ``c * tanh(s / c)`` before masking.
       value_dim: ``Hv`` when ``v_pages`` is None.
       block_k: key tile (power of two >= 16), any page size works with any tile; num_splits: split-K chunks.
-      kernel: ``"xla"`` (blockwise XLA, the CPU default) or ``"triton"`` (Pallas Triton, GPU).
+      kernel: ``"xla"`` (blockwise XLA, the CPU default), ``"triton"`` (Pallas Triton, GPU) or
+        ``"mosaic_tpu"`` (Pallas Mosaic, TPU).
       interpret: run a Pallas body in Pallas' interpreter (CPU tests).
       return_lse: also return the float32 natural-log logsumexp ``[B, N, T]`` (-inf: nothing visible).
 

@@ -58,7 +58,7 @@ def _quantize(x: np.ndarray, kind):
     return q, jnp.asarray(scale)
 
 
-def _problem(seed, *, b=3, t=1, n=8, k=2, h=32, hv=32, c=64, ps=8, lengths=(0, 13, 64), dtype=jnp.float32):
+def _problem(seed, *, b=3, t=1, n=8, k=2, h=128, hv=128, c=64, ps=8, lengths=(0, 13, 64), dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((b, t, n, h)).astype(np.float32)
     keys = rng.standard_normal((b, c, k, h)).astype(np.float32)
@@ -109,7 +109,7 @@ def _window(left):
     return lambda q_pos, kv_pos, q_vals, kv_vals: (kv_pos <= q_pos) & (kv_pos >= q_pos - left)
 
 
-KERNELS = ["xla", "triton"]
+KERNELS = ["xla", "triton", "mosaic_tpu"]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -181,7 +181,7 @@ def test_ring_layout(kernel):
     """A rolling cache of W = 24 slots filled from a token stream (position p in slot p % W): sequences that
     wrapped (lengths 50, 24) and one that did not (9), under a window as wide as the ring; checked against float64
     attention over the stream itself, not over the ring."""
-    w, left, b, k, g, h = 24, 23, 3, 2, 2, 16
+    w, left, b, k, g, h = 24, 23, 3, 2, 2, 128
     lengths = np.array([50, 24, 9])
     rng = np.random.default_rng(5)
     stream = rng.standard_normal((b, 50, k, h))
