@@ -122,11 +122,11 @@ def test_ragged_gqa_small_pages(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_mqa_three_rows_causal_splits(kernel):
-    """MQA, T = 3 draft rows under a causal mask, ps == block_k, three splits."""
+    """MQA, T = 3 draft rows under a causal mask, ps == block_k, three splits, softcap."""
     args = _problem(1, t=3, n=4, k=1, ps=16, lengths=(40, 5, 64))
     lengths = np.asarray(args["lengths"])
     args["q_positions"] = jnp.asarray(lengths[:, None] - 3 + np.arange(3)[None, :], jnp.int32)
-    _compare(args, TOL[jnp.float32], kernel, block_k=16, num_splits=3, mask_fn=_causal)
+    _compare(args, TOL[jnp.float32], kernel, block_k=16, num_splits=3, mask_fn=_causal, softcap=2.0)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -244,3 +244,26 @@ def test_errors_name_the_argument():
         decode_attention(**dict(args, v_pages=None))
     with pytest.raises(ValueError, match="block_map"):
         decode_attention(**args, block_k=16, block_map=jnp.zeros((3, 2), jnp.int8))
+
+
+def test_xla_temporaries_do_not_scale_with_the_pool_or_the_cache():
+    """The XLA body's compiled temporaries are per tile: the same for a pool of 64 or 4096 pages, and
+    far below one dense gather of the keys at a long cache (which the reference needs)."""
+    b, n, k, h, ps = 2, 4, 2, 64, 16
+
+    def temp_bytes(pool, max_pages):
+        args = (
+            jax.ShapeDtypeStruct((b, 1, n, h), jnp.float32),
+            jax.ShapeDtypeStruct((pool, ps, k, h), jnp.float32),
+            jax.ShapeDtypeStruct((pool, ps, k, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, max_pages), jnp.int32),
+            jax.ShapeDtypeStruct((b,), jnp.int32),
+        )
+        fn = functools.partial(decode_attention, block_k=64)
+        return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(64, 8), temp_bytes(4096, 8)
+    assert small == large
+    long_cache = temp_bytes(4096, 256)
+    dense_keys = b * 256 * ps * k * h * 4
+    assert long_cache < dense_keys / 20

@@ -17,7 +17,7 @@ import pytest
 from pallas_kernels.decode_attention import decode_attention
 
 B, T, N, K, H = 2, 4, 32, 8, 128  # GQA 32/8, four query rows (speculative verification)
-P, PS, M = 64, 16, 8
+P, PS, M = 50, 16, 6  # a pool, table and visit list whose sizes are not powers of two
 CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 KERNEL = {"cuda": "triton", "tpu": "mosaic_tpu"}
 
@@ -60,7 +60,7 @@ def test_paged_decode_lowers(platform, dtype):
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_ring_and_keys_only_lower(platform):
-    assert _lower(platform, jnp.bfloat16, ring=100) == 1
+    assert _lower(platform, jnp.bfloat16, ring=90) == 1
     # MLA's absorbed latent cache (DeepSeek: 512 latent + 64 RoPE channels, one KV head), bf16 and int8
     for dtype in (jnp.bfloat16, jnp.int8):
         assert _lower(platform, dtype, head_dim=576, value_dim=512, keys_only=True, kv_heads=1) == 1
