@@ -1,8 +1,11 @@
-"""Decoding keeps block skipping: per-sequence offsets reach the backends as positions, not a dense mask.
+"""Decoding keeps block skipping: per-sequence positions reach the kernels as block maps, not a dense mask.
 
-A decode step has per-sequence offsets (each sequence continues from its own length). They are
-resolved into a MaskSpec with ``[B, T]`` positions and a run-time block map, so a sliding window
-over a long cache visits only the tiles of the window, and no ``[B, 1, T, S]`` mask is built.
+A decode step has per-sequence offsets (each sequence continues from its own length). Through the
+decode kernels (``cached_attention``) the layer's mask becomes a per-sequence block map over the
+cache's tiles, so a sliding window over a long cache visits only the tiles of its window (the XLA
+body's loop runs that many steps). Calls that keep today's path (a backend object here) resolve a
+MaskSpec with ``[B, T]`` positions and a run-time block map, and skip the same way. Neither builds
+a ``[B, 1, T, S]`` mask.
 """
 
 import jax
@@ -14,7 +17,10 @@ from flax import nnx
 from helpers import RecordingBackend
 
 import attention_jax as aj
+from attention_jax.cache.layout import kernel_layout
 from attention_jax.functional import backends
+from attention_jax.functional.cached import resolve_cache_mask
+from pallas_kernels.decode_attention import DEFAULT_BLOCK_K, _decode_with_steps, decode_attention_reference
 from pallas_kernels.mask_info import EMPTY
 
 D, WINDOW, CAPACITY, BLOCK_K = 16, 24, 512, 32
@@ -40,7 +46,30 @@ def _prefilled(layer, kind):
 
 
 @pytest.mark.parametrize("kind", ["dense", "paged"])
-def test_a_decode_step_visits_only_the_window(kind):
+def test_the_kernel_visits_only_the_window(kind):
+    layer = _layer(None)
+    cache = _prefilled(layer, kind)
+    lay = kernel_layout(cache)
+    q_positions = cache.lengths[:, None]  # [B, 1]
+    mask = aj.masks.causal() & aj.masks.sliding_window(WINDOW)
+    mask_fn, q_vals, kv_vals, block_map = resolve_cache_mask(mask, lay, q_positions, BLOCK_K)
+    visited = np.asarray((block_map != EMPTY).sum(axis=-1))  # [B]
+    assert lay.num_slots >= CAPACITY and np.all(visited <= WINDOW // BLOCK_K + 2), visited
+    # The window sits where each sequence is: different tiles for the two sequences.
+    assert not np.array_equal(np.asarray(block_map[0]), np.asarray(block_map[1]))
+    q = jax.random.normal(jax.random.key(2), (2, 1, 4, D // 4))
+    args = (q, lay.k_pages, lay.v_pages, lay.page_table, lay.lengths)
+    kwargs = dict(q_positions=q_positions, mask_fn=mask_fn, q_vals=q_vals, kv_vals=kv_vals, block_k=BLOCK_K,
+                  **lay.kernel_arguments())  # fmt: skip
+    out, _, steps = jax.jit(lambda *a: _decode_with_steps(*a, block_map=block_map, **kwargs))(*args)
+    assert int(steps) == visited.max()  # the loop runs over the window's tiles only
+    _, _, all_steps = jax.jit(lambda *a: _decode_with_steps(*a, **kwargs))(*args)
+    assert int(all_steps) == -(-max(PROMPT) // BLOCK_K)  # without the block map: every written tile
+    np.testing.assert_allclose(out, decode_attention_reference(*args, block_map=block_map, **kwargs), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "paged"])
+def test_todays_path_visits_only_the_window(kind):
     rec = RecordingBackend(block_q=16, block_k=BLOCK_K)
     layer = _layer(rec)
     cache = _prefilled(layer, kind)
@@ -73,9 +102,14 @@ def _bool_arrays(jaxpr):
             yield from _bool_arrays(sub)
 
 
-@pytest.mark.parametrize("kind", ["dense", "rolling", "paged"])
-def test_a_decode_step_builds_no_dense_mask(kind):
-    layer = _layer(backends.Blockwise(block_q=16, block_k=BLOCK_K))
+TODAYS_PATH = backends.Blockwise(block_q=16, block_k=BLOCK_K)
+
+
+@pytest.mark.parametrize(
+    "kind,implementation", [("dense", None), ("rolling", None), ("paged", None), ("paged", TODAYS_PATH)]
+)
+def test_a_decode_step_builds_no_dense_mask(kind, implementation):
+    layer = _layer(implementation)
     cache = _prefilled(layer, kind)
     graphdef, state = nnx.split(layer)
     token = jnp.zeros((2, 1, D))
@@ -84,8 +118,9 @@ def test_a_decode_step_builds_no_dense_mask(kind):
         return nnx.merge(graphdef, state)(token, cache=cache)[0]
 
     jaxpr = jax.make_jaxpr(step)(state, cache, token).jaxpr
+    tile = BLOCK_K if implementation is not None else DEFAULT_BLOCK_K["xla"]  # the kernel's own tiles
     view_len = {"dense": CAPACITY, "paged": CAPACITY, "rolling": None}[kind]
     for shape in _bool_arrays(jaxpr):
         if len(shape) >= 3 and view_len is not None:
             assert shape[-1] != view_len, f"a dense mask over the cache: {shape}"
-        assert len(shape) < 4 or shape[-1] <= BLOCK_K, f"a dense [B, N, T, S] mask: {shape}"
+        assert len(shape) < 4 or shape[-1] <= tile, f"a dense [B, N, T, S] mask: {shape}"

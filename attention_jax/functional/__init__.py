@@ -7,6 +7,7 @@ the variants that the modules in ``attention_jax.nn`` wrap.
 
 from attention_jax.functional import backends
 from attention_jax.functional.additive import additive_attention, additive_scores, luong_attention, luong_scores
+from attention_jax.functional.cached import cached_attention
 from attention_jax.functional.cascade import cascade_attention
 from attention_jax.functional.delta_rule import FastWeightState, delta_rule_attention, delta_rule_step
 from attention_jax.functional.differential import differential_attention, lambda_init
@@ -36,6 +37,7 @@ __all__ = [
     "additive_scores",
     "attention_weights",
     "bigbird_attention",
+    "cached_attention",
     "cascade_attention",
     "cbam",
     "choose_implementation",

@@ -11,6 +11,7 @@ from flax import nnx
 from attention_jax import masks as masks_lib
 from attention_jax import positional
 from attention_jax.functional import differential as differential_lib
+from attention_jax.functional.cached import cached_attention
 from attention_jax.nn import _common, recording
 
 Array = jax.Array
@@ -138,6 +139,14 @@ class DifferentialAttention(_common.CacheMixin, nnx.Module):
             q1, q2, k1, k2 = (_common.rotate(self.rope, x, pos) for x in (q1, q2, k1, k2))
 
         mask = _common.layer_mask(self.mask if mask is None else mask, self.sliding_window)
+        lam = differential_lib.differential_lambda(
+            self.lambda_q1[...], self.lambda_k1[...], self.lambda_q2[...], self.lambda_k2[...], self.lambda_init
+        )
+        record = recording.should_record(record_weights, self.record_weights)
+        dropout_rng = _common.dropout_key(self, deterministic, rngs)
+        if cache is not None and not record and dropout_rng is None:
+            out, cache = self._decode(q1, q2, k1, k2, value, lam, cache, lengths, mask, implementation)
+            return self.out(self.head_norm(out) * (1.0 - self.lambda_init)), cache
         offsets = {}
         if cache is not None:
             cache, view = cache.update(jnp.concatenate([k1, k2], axis=-1), value, lengths=lengths)  # [B, T, K, 2H]
@@ -146,11 +155,6 @@ class DifferentialAttention(_common.CacheMixin, nnx.Module):
             offsets = view.offsets()
         else:
             mask = _common.segmented(_common.padded(mask, lengths), segment_ids)
-        lam = differential_lib.differential_lambda(
-            self.lambda_q1[...], self.lambda_k1[...], self.lambda_q2[...], self.lambda_k2[...], self.lambda_init
-        )
-        record = recording.should_record(record_weights, self.record_weights)
-        dropout_rng = _common.dropout_key(self, deterministic, rngs)
         out = differential_lib.differential_attention(
             q1,
             q2,
@@ -173,6 +177,24 @@ class DifferentialAttention(_common.CacheMixin, nnx.Module):
         out = self.head_norm(out) * (1.0 - self.lambda_init)
         y = self.out(out)  # [B, T, out_features]
         return y if cache is None else (y, cache)
+
+    def _decode(self, q1, q2, k1, k2, value, lam, cache, lengths, mask, implementation):
+        """Both maps in one pass over the cache: for each K/V head its ``G`` rows of ``[q1, 0]`` and ``G`` rows
+        of ``[0, q2]`` against the stored ``[k1, k2]`` (``2G`` query heads per K/V head, K/V read once)."""
+        b, t, n, h = q1.shape
+        k, g = self.num_kv_heads, n // self.num_kv_heads
+        zeros = jnp.zeros_like(q1)
+        pair = jnp.stack([jnp.concatenate([q1, zeros], -1), jnp.concatenate([zeros, q2], -1)], axis=3)  # [B,T,N,2,2H]
+        query = pair.reshape(b, t, k, g, 2, 2 * h).swapaxes(3, 4).reshape(b, t, 2 * n, 2 * h)  # head k * 2G + m * G + g
+        out, cache = cached_attention(
+            query, jnp.concatenate([k1, k2], axis=-1), value, cache, lengths=lengths, mask=mask,
+            scale=1.0 / float(h) ** 0.5 if self.scale is None else self.scale, softcap=self.softcap,
+            implementation=self.implementation if implementation is None else implementation,
+        )  # fmt: skip
+        out = out.reshape(b, t, k, 2, g, -1).astype(jnp.float32)  # [B, T, K, 2, G, 2H]
+        first, second = out[:, :, :, 0].reshape(b, t, n, -1), out[:, :, :, 1].reshape(b, t, n, -1)
+        lam_out = lam if lam.ndim == 0 else lam[:, None]
+        return (first - lam_out * second).astype(q1.dtype), cache
 
     def cache_shape(self) -> tuple[int, int, int]:
         """The cache holds ``[k1, k2]`` and ``v`` per token and K/V head."""

@@ -10,6 +10,7 @@ from flax import nnx
 
 from attention_jax import masks as masks_lib
 from attention_jax import positional
+from attention_jax.functional.cached import cached_attention
 from attention_jax.functional.latent import latent_attention, latent_values
 from attention_jax.nn import _common, recording
 
@@ -156,6 +157,24 @@ class MultiHeadLatentAttention(_common.CacheMixin, nnx.Module):
         k_rope = _common.rotate(self.rope, k_rope, pos)  # [B, T, R] (one key shared by all heads)
 
         mask = _common.layer_mask(self.mask if mask is None else mask, self.sliding_window)
+        absorb = next(a for a in (absorb, self.absorb, cache is not None) if a is not None)
+        record = recording.should_record(record_weights, self.record_weights)
+        dropout_rng = _common.dropout_key(self, deterministic, rngs)
+        if cache is not None and absorb and not record:
+            # Absorbed decoding through the decode kernels: MQA of [q_nope W_UK, q_rope] over the latent
+            # cache [c, k_rope] (keys only, values = its first L channels), then W_UV on the latent output.
+            dtype = q_nope.dtype
+            q_latent = jnp.einsum("BTNH,LNH->BTNL", q_nope, self.w_uk[...].astype(dtype), precision=self.precision)
+            query = jnp.concatenate([q_latent, q_rope.astype(dtype)], axis=-1)  # [B, T, N, L + R]
+            entry = jnp.concatenate([latent, k_rope.astype(latent.dtype)], axis=-1)[:, :, None, :]  # [B, T, 1, L + R]
+            scale = 1.0 / float(hn + self.qk_rope_head_dim) ** 0.5 if self.scale is None else self.scale
+            out, cache = cached_attention(
+                query, entry, None, cache, lengths=lengths, mask=mask, scale=scale, softcap=self.softcap,
+                dropout_rate=self.dropout_rate, dropout_rng=dropout_rng, value_dim=lr,
+                implementation=self.implementation if implementation is None else implementation,
+            )  # fmt: skip
+            out = jnp.einsum("BTNL,LNV->BTNV", out, self.w_uv[...].astype(dtype), precision=self.precision)
+            return self.out(out), cache
         offsets = {}
         if cache is not None:
             entry = jnp.concatenate([latent, k_rope.astype(latent.dtype)], axis=-1)[:, :, None, :]  # [B, T, 1, L + R]
@@ -165,9 +184,6 @@ class MultiHeadLatentAttention(_common.CacheMixin, nnx.Module):
             offsets = view.offsets()
         else:
             mask = _common.segmented(_common.padded(mask, lengths), segment_ids)
-        absorb = next(a for a in (absorb, self.absorb, cache is not None) if a is not None)
-        record = recording.should_record(record_weights, self.record_weights)
-        dropout_rng = _common.dropout_key(self, deterministic, rngs)
         out = latent_attention(
             q_nope,
             q_rope.astype(q_nope.dtype),

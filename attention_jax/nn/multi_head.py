@@ -10,6 +10,7 @@ from flax import nnx
 
 from attention_jax import masks as masks_lib
 from attention_jax import positional, score_mods
+from attention_jax.functional.cached import cached_attention
 from attention_jax.functional.multi_head import multi_head_attention
 from attention_jax.nn import _common, recording
 
@@ -245,30 +246,26 @@ class MultiHeadAttention(_common.CacheMixin, nnx.Module):
             key = _common.rotate(self.rope, key, jnp.arange(context.shape[1]) if cross else q_positions)
 
         mask = _common.layer_mask(self.mask if mask is None else mask, self.sliding_window, self.pattern)
+        record = recording.should_record(record_weights, self.record_weights)
+        dropout_rng = _common.dropout_key(self, deterministic, rngs)
+        options = dict(
+            mask=mask, scale=self.scale, softcap=self.softcap, score_mod=self.score_mod(),
+            sinks=None if self.sinks is None else self.sinks[...], dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng, implementation=self.implementation if implementation is None else implementation,
+        )  # fmt: skip
+        if cache is not None and not record and self.sequence_parallel is None:
+            # Decoding: write and attend through the decode kernels (cached_attention says when it cannot).
+            out, cache = cached_attention(query, key, value, cache, lengths=lengths, **options)
+            return self.out(out), cache
         offsets = {}
         if cache is not None:
             cache, view = cache.update(key, value, lengths=lengths)
             key, value = view.keys.astype(query.dtype), view.values.astype(query.dtype)
             offsets = view.offsets()
         elif not cross:
-            mask = _common.segmented(_common.padded(mask, lengths), segment_ids)
-        record = recording.should_record(record_weights, self.record_weights)
-        dropout_rng = _common.dropout_key(self, deterministic, rngs)
+            options["mask"] = _common.segmented(_common.padded(mask, lengths), segment_ids)
         out = multi_head_attention(
-            query,
-            key,
-            value,
-            mask=mask,
-            scale=self.scale,
-            softcap=self.softcap,
-            score_mod=self.score_mod(),
-            sinks=None if self.sinks is None else self.sinks[...],
-            dropout_rate=self.dropout_rate,
-            dropout_rng=dropout_rng,
-            implementation=self.implementation if implementation is None else implementation,
-            sequence_parallel=self.sequence_parallel,
-            return_weights=record,
-            **offsets,
+            query, key, value, **options, sequence_parallel=self.sequence_parallel, return_weights=record, **offsets
         )
         if record:
             out, weights = out
