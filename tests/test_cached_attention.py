@@ -1,0 +1,174 @@
+"""cached_attention: a decode step through the decode kernels equals attention over the whole token stream.
+
+Each case writes a ragged prompt into a cache, then attends ``T`` new queries (one token, a block of
+drafts) through :func:`attention_jax.functional.cached_attention`; the oracle is a float64 loop over
+each sequence's stream of keys (as the cache stores them: int8/fp8 round-tripped) written here.
+A decode step of a layer with a paged int8 cache keeps its attention temporaries flat when the cache
+grows 4x (the dense-gather path's grow with it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import attention_jax as aj
+from attention_jax.functional import backends
+from attention_jax.functional.cached import cached_attention, decode_kernel, fallback_reason
+
+B, K, G, H = 2, 2, 2, 16
+N = K * G
+PROMPT = np.array([7, 3])
+
+
+def _cache(kind, quantized, capacity, value_dim=H, max_rollback=0, window=None):
+    sizes = dict(num_kv_heads=K, head_dim=H, value_head_dim=value_dim, quantized=quantized)
+    if kind == "dense":
+        return aj.cache.KVCache.create(B, capacity, **sizes)
+    if kind == "paged":  # a pool smaller than B * max_pages: sequences interleave pages
+        return aj.cache.PagedKVCache.create(B, num_pages=7, page_size=4, max_pages=4, **sizes)
+    return aj.cache.RollingKVCache.create(B, window, max_rollback=max_rollback, **sizes)
+
+
+def _reference(q, stream_k, stream_v, q_pos, *, window, softcap, sinks, scale):
+    """float64: query row ``t`` of sequence ``b`` over its stream's keys at positions ``0 .. len - 1``."""
+    q = np.asarray(q, np.float64)
+    b, t, n, _ = q.shape
+    out = np.zeros((b, t, n, stream_v[0].shape[-1]))
+    for i in range(b):
+        k, v = np.asarray(stream_k[i], np.float64), np.asarray(stream_v[i], np.float64)  # [S, K, H]
+        pos = np.arange(k.shape[0])
+        for j in range(t):
+            p = q_pos[i, j]
+            visible = (pos <= p) & ((pos >= p - window) if window is not None else True)
+            for h in range(n):
+                kv_head = h // (n // k.shape[1])
+                s = k[:, kv_head] @ q[i, j, h] * scale
+                if softcap is not None:
+                    s = softcap * np.tanh(s / softcap)
+                s = np.where(visible, s, -np.inf)
+                logits = s if sinks is None else np.append(s, sinks[h])
+                w = np.exp(logits - logits.max())
+                w = w / w.sum()
+                out[i, j, h] = w[: len(s)] @ v[:, kv_head]
+    return out
+
+
+CASES = [  # kind, quantized, window, T, max_rollback, softcap, sinks
+    ("dense", False, None, 1, 0, None, False),
+    ("paged", "int8", 5, 3, 0, 20.0, True),
+    ("rolling", False, 5, 2, 0, None, True),
+    ("rolling", "fp8", 4, 3, 2, None, False),
+]
+
+
+@pytest.mark.parametrize("kind,quantized,window,t,max_rollback,softcap,sinks", CASES)
+def test_decode_step_equals_attention_over_the_stream(kind, quantized, window, t, max_rollback, softcap, sinks):
+    r = np.random.default_rng(0)
+    p = int(PROMPT.max())
+    kp, vp = (jnp.asarray(r.normal(size=(B, p, K, H)), jnp.float32) for _ in range(2))
+    kn, vn = (jnp.asarray(r.normal(size=(B, t, K, H)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(r.normal(size=(B, t, N, H)), jnp.float32)
+    sink = jnp.asarray(r.normal(size=(N,)), jnp.float32) if sinks else None
+    cache = _cache(kind, quantized, 16, max_rollback=max_rollback, window=window)
+    cache, _ = cache.update(kp, vp, lengths=jnp.asarray(PROMPT))
+    if max_rollback:  # decode after rolling back drafts == never having written them
+        drafts = jnp.asarray(r.normal(size=(B, max_rollback, K, H)), jnp.float32)
+        cache, _ = cache.update(drafts, drafts)
+        cache = cache.rollback(max_rollback)
+    mask = aj.masks.causal() if window is None else aj.masks.causal() & aj.masks.sliding_window(window)
+    assert fallback_reason(q, cache, mask=mask) is None
+    out, new_cache = cached_attention(q, kn, vn, cache, mask=mask, softcap=softcap, sinks=sink)
+    new_cache.check()
+    assert out.shape == (B, t, N, H) and out.dtype == q.dtype
+    st = cache.storage
+    stream_k = [np.concatenate([st.roundtrip(kp)[i, : PROMPT[i]], st.roundtrip(kn)[i]]) for i in range(B)]
+    stream_v = [np.concatenate([st.roundtrip(vp)[i, : PROMPT[i]], st.roundtrip(vn)[i]]) for i in range(B)]
+    q_pos = PROMPT[:, None] + np.arange(t)
+    want = _reference(q, stream_k, stream_v, q_pos, window=window, softcap=softcap, scale=H**-0.5,
+                      sinks=None if sink is None else np.asarray(sink))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+    assert new_cache.lengths.tolist() == (PROMPT + t).tolist()
+
+
+@pytest.mark.parametrize("implementation", ["reference", backends.Blockwise(block_k=16)])
+def test_keys_only_cache_and_other_implementations(implementation):
+    """MLA's latent cache (values = the keys' first channels) through the reference body and today's path."""
+    r = np.random.default_rng(1)
+    hv = 8
+    cache = aj.cache.PagedKVCache.create(B, num_pages=7, page_size=4, max_pages=4, num_kv_heads=1, head_dim=H,
+                                         value_head_dim=0)  # fmt: skip
+    kp = jnp.asarray(r.normal(size=(B, 7, 1, H)), jnp.float32)
+    kn = jnp.asarray(r.normal(size=(B, 1, 1, H)), jnp.float32)
+    q = jnp.asarray(r.normal(size=(B, 1, N, H)), jnp.float32)
+    cache, _ = cache.update(kp, None, lengths=jnp.asarray(PROMPT))
+    fast, _ = cached_attention(q, kn, None, cache, mask=aj.masks.causal(), value_dim=hv, return_lse=True)
+    other, _ = cached_attention(q, kn, None, cache, mask=aj.masks.causal(), value_dim=hv, return_lse=True,
+                                implementation=implementation)  # fmt: skip
+    stream = [np.concatenate([kp[i, : PROMPT[i]], kn[i]]) for i in range(B)]
+    want = _reference(q, stream, [s[..., :hv] for s in stream], PROMPT[:, None], window=None, softcap=None,
+                      sinks=None, scale=H**-0.5)  # fmt: skip
+    for out, _ in (fast, other):
+        np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(fast[1]), np.asarray(other[1]), atol=2e-5, rtol=2e-5)
+
+
+def test_fallbacks_are_named():
+    q = jnp.zeros((B, 1, N, H))
+    cache = _cache("dense", False, 16)
+    assert decode_kernel(None, "cpu") == "xla" and decode_kernel("pallas", "gpu") == "triton"
+    assert decode_kernel("pallas", "cpu") is None and decode_kernel(backends.Blockwise()) is None
+    assert "score_mod" in fallback_reason(q, cache, score_mod=aj.score_mods.alibi(jnp.ones(N)))
+    assert "boolean-array" in fallback_reason(q, cache, mask=jnp.ones((1, 1, 1, 16), bool))
+    assert "prefill" in fallback_reason(jnp.zeros((B, 17, N, H)), cache)
+    assert "Blockwise" in fallback_reason(q, cache, implementation=backends.Blockwise())
+    assert fallback_reason(q, cache, mask=aj.masks.causal()) is None
+
+
+def _layer(implementation, capacity):
+    layer = aj.nn.MultiHeadAttention(32, num_heads=N, num_kv_heads=K, mask=aj.masks.causal(), sliding_window=64,
+                                     implementation=implementation, rngs=nnx.Rngs(0))  # fmt: skip
+    return layer, layer.init_cache(B, capacity, kind="paged", quantized="int8", page_size=16)
+
+
+def _temp_bytes(fn, *args) -> int:
+    return jax.jit(fn).trace(*args).lower().compile().memory_analysis().temp_size_in_bytes
+
+
+def test_decode_step_temporaries_do_not_grow_with_the_cache():
+    """Attention's temporaries (a layer step's minus its cache write's) stay flat when the cache and pool grow 4x."""
+    token = jnp.zeros((B, 1, 32))
+    grown = {}
+    for name, impl in (("kernel", None), ("dense view", backends.Blockwise())):
+        temps = []
+        for capacity in (256, 1024):
+            layer, cache = _layer(impl, capacity)
+            graphdef, state = nnx.split(layer)
+            step = lambda state, cache, token: nnx.merge(graphdef, state)(token, cache=cache)  # noqa: B023
+            write = lambda cache, token: cache.update(*(2 * [jnp.zeros((B, 1, K, 32 // N))]))[0]
+            temps.append(_temp_bytes(step, state, cache, token) - _temp_bytes(write, cache, token))
+        grown[name] = temps
+    # int8 K/V of 256 more slots per sequence, dequantised to float32: what a dense view costs.
+    dense_bytes = B * (1024 - 256) * K * (2 * 32 // N) * 4
+    assert grown["kernel"][1] <= grown["kernel"][0] + 4096, grown
+    assert grown["dense view"][1] - grown["dense view"][0] >= dense_bytes, grown
+
+
+def _triton_step(q, kn, vn, cache, interpret):
+    mask = aj.masks.causal() & aj.masks.sliding_window(5)
+    return cached_attention(q, kn, vn, cache, mask=mask, kernel="triton", interpret=interpret)[0]
+
+
+def test_triton_body_interpreted_and_lowered_for_cuda():
+    r = np.random.default_rng(2)
+    kp, kn, vn = (jnp.asarray(r.normal(size=(B, s, K, H)), jnp.float32) for s in (7, 2, 2))
+    q = jnp.asarray(r.normal(size=(B, 2, N, H)), jnp.float32)
+    cache, _ = _cache("paged", "int8", 16).update(kp, kp, lengths=jnp.asarray(PROMPT))
+    got = jax.jit(_triton_step, static_argnums=4)(q, kn, vn, cache, True)
+    want = cached_attention(q, kn, vn, cache, mask=aj.masks.causal() & aj.masks.sliding_window(5))[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    lowered = jax.jit(_triton_step, static_argnums=4).trace(q, kn, vn, cache, False).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text().lower()
