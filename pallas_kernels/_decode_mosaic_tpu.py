@@ -48,9 +48,12 @@ def unsupported_reason(cfg, num_kv_vals: int = 0) -> str | None:
         return (f"kernel='mosaic_tpu' reads a head as a block of lanes: H and Hv must be multiples of {LANES} "
                 f"when K > 1, got H={cfg.head_dim}, Hv={cfg.value_dim}, K={cfg.num_kv_heads}.")  # fmt: skip
     u = unit_size(cfg)
-    if u % SUBLANES and u != cfg.page_size:
+    itemsize = 1 if cfg.quantized else jnp.dtype(cfg.compute_dtype).itemsize
+    sublanes = SUBLANES * 4 // itemsize  # a packed dtype's native tile is taller: (16, 128) bf16, (32, 128) int8
+    if u % sublanes and u != cfg.page_size:
         return (f"kernel='mosaic_tpu' loads gcd(page_size, block_k)={u} slots per step, which must be a multiple "
-                f"of {SUBLANES} or the whole page; got page_size={cfg.page_size}, block_k={cfg.block_k}.")  # fmt: skip
+                f"of {sublanes} for these pages or the whole page; got page_size={cfg.page_size}, "
+                f"block_k={cfg.block_k}.")  # fmt: skip
     if num_kv_vals:
         return "kernel='mosaic_tpu' does not read per-slot mask data (kv_vals); use kernel='xla'."
     return None

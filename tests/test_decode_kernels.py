@@ -267,3 +267,17 @@ def test_xla_temporaries_do_not_scale_with_the_pool_or_the_cache():
     long_cache = temp_bytes(4096, 256)
     dense_keys = b * 256 * ps * k * h * 4
     assert long_cache < dense_keys / 20
+
+
+def test_pallas_bodies_name_what_they_cannot_serve():
+    """Head dims a body cannot tile raise a ValueError naming the kernel, before anything runs."""
+    odd = _problem(0, h=72, hv=72)  # not a multiple of 16: Triton would need a padded copy of the pool
+    with pytest.raises(ValueError, match="kernel='triton'"):
+        decode_attention(**odd, kernel="triton", interpret=True)
+    narrow = _problem(0, h=64, hv=64)  # K = 2 heads of 64 lanes: not a (8, 128) block of the pool
+    with pytest.raises(ValueError, match="kernel='mosaic_tpu'"):
+        decode_attention(**narrow, kernel="mosaic_tpu", interpret=True)
+    with pytest.raises(ValueError, match="kv_vals"):
+        segments = jnp.zeros((3, 64), jnp.int32)
+        decode_attention(**_problem(0), kernel="mosaic_tpu", interpret=True, mask_fn=_causal,
+                         q_positions=jnp.zeros((3, 1), jnp.int32), kv_vals=(segments,))  # fmt: skip
