@@ -31,8 +31,8 @@ never repeat K/V. Quantised caches (int8 or float8_e4m3fn pages with per-token-p
 scales, ``x ~= q * scale``) are dequantised tile by tile inside the kernels. With ``v_pages=None``
 the values are the first ``value_dim`` channels of the keys (MLA's absorbed latent cache).
 
-Bodies, named by lowering: ``kernel="xla"`` (this file: a blockwise XLA loop over the visit list,
-batched over sequences and splits; the CPU default), ``kernel="triton"`` (``_decode_triton``: one
+Bodies, named by lowering: ``kernel="xla"`` (``_decode_xla``: a blockwise XLA loop over the visit
+list, batched over sequences and splits; the CPU default), ``kernel="triton"`` (``_decode_triton``: one
 program per (sequence, key/value head, split) that reads the page table inside its loop) and
 ``kernel="mosaic_tpu"`` (``_decode_mosaic_tpu``: page table and visit lists scalar-prefetched, K/V
 index maps that follow them). Each Pallas body names what it cannot serve (``unsupported_reason``).
@@ -66,7 +66,7 @@ KERNELS = ("xla", "triton", "mosaic_tpu")
 QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 DEFAULT_BLOCK_K = {"xla": 128, "triton": 64, "mosaic_tpu": 128}
 
-__all__ = ["decode_attention", "decode_attention_reference", "decode_block_map", "dense_as_pages"]
+__all__ = ["decode_attention", "decode_attention_reference", "dense_as_pages"]
 
 
 # -- static configuration --------------------------------------------------------------------------
@@ -127,8 +127,9 @@ def _check(cond: bool, message: str):
         raise ValueError(message)
 
 
-def _prepare(q, k_pages, v_pages, page_table, lengths, q_positions, kv_offset, ring, k_scales, v_scales, q_vals,
-             kv_vals, block_map, scale, softcap, value_dim, block_k, num_splits, kernel, mask_fn):  # fmt: skip
+def _prepare(q, k_pages, v_pages, page_table, lengths, *, q_positions=None, kv_offset=0, ring=None, k_scales=None,
+             v_scales=None, mask_fn=None, q_vals=(), kv_vals=(), block_map=None, scale=None, softcap=None,
+             value_dim=None, block_k=None, num_splits=None, kernel="xla"):  # fmt: skip
     """Validate every argument once; return the static config and the arrays in canonical form."""
     _check(kernel in KERNELS, f"kernel must be one of {KERNELS}, got {kernel=!r}.")
     _check(jnp.ndim(q) == 4, f"q must be [B, T, N, H], got q.shape={jnp.shape(q)}.")
@@ -315,11 +316,6 @@ def _from_rows(out: Array, lse: Array, cfg: DecodeConfig):
     return out, lse
 
 
-def row_values(x: Array, cfg: DecodeConfig) -> Array:
-    """Per-query data ``[B, T] -> [B, T * G]`` (the value of row ``t * G + g`` is ``x[:, t]``)."""
-    return jnp.repeat(x, cfg.group, axis=1)
-
-
 def combine_splits(out: Array, lse: Array) -> tuple[Array, Array]:
     """Merge split partials ``out [..., C, R, Hv]`` (normalised) and ``lse [..., C, R]`` by logsumexp.
 
@@ -335,124 +331,9 @@ def combine_splits(out: Array, lse: Array) -> tuple[Array, Array]:
     return jnp.sum(weights[..., None] * out, axis=-3), lse_out
 
 
-# -- the XLA body ----------------------------------------------------------------------------------
-
-
-def _xla_rows(cfg: DecodeConfig, q_rows, k_pages, v_pages, k_scales, v_scales, plan: VisitPlan, arrays):
-    """Blockwise XLA body: ``(out [B, K, C, R, Hv] f32, lse [B, K, C, R] f32, steps)``.
-
-    A ``fori_loop`` over visit steps; step ``i`` gathers, for every (sequence, split), the pages of one
-    key tile (``[B, C, bk, K, H]``) and updates that split's online softmax. The trip count is the
-    longest chunk of the batch, so EMPTY tiles cost nothing and a window visits only its tiles.
-    Temporaries are per tile: nothing scales with the pool or the cache length. The gather moves
-    units of ``u = gcd(ps, bk)`` contiguous slots (the pool viewed as ``[P * ps / u, u, K, H]``, a free
-    reshape): whole pages when pages are smaller than the tile, whole tiles when they are larger.
-    """
-    b, c, bk, ps, kh = cfg.batch, cfg.num_splits, cfg.block_k, cfg.page_size, cfg.num_kv_heads
-    rows, hv = cfg.rows, cfg.value_dim
-    meta = plan.meta
-    length, offset, num_visits, per_split = meta[:, 0], meta[:, 1], plan.num_visits, meta[:, 4]
-    split = jnp.arange(c, dtype=jnp.int32)[None, :]  # [1, C]
-    first = split * per_split[:, None]  # [B, C]
-    last = jnp.minimum(first + per_split[:, None], num_visits[:, None])  # [B, C]
-    steps = jnp.max(jnp.maximum(last - first, 0))
-    q_pos = row_values(arrays["q_positions"], cfg)[:, None, None, :, None]  # [B, 1, 1, R, 1]
-    q_vals = tuple(row_values(x, cfg)[:, None, None, :, None] for x in arrays["q_vals"])
-    kv_vals = tuple(jnp.pad(x, ((0, 0), (0, max(0, cfg.num_tiles * bk - x.shape[1])))) for x in arrays["kv_vals"])
-    precision = lax.Precision.HIGHEST if cfg.compute_dtype == jnp.float32 else None
-    rows_idx = jnp.arange(b)[:, None, None]
-    unit = math.gcd(ps, bk)
-
-    def units(x):  # [P, ps, ...] -> [P * ps / u, u, ...]
-        return None if x is None else x.reshape(x.shape[0] * ps // unit, unit, *x.shape[2:])
-
-    k_units, v_units, ks_units, vs_units = (units(x) for x in (k_pages, v_pages, k_scales, v_scales))
-
-    def step(i, carry):
-        m_prev, l_prev, acc_prev = carry
-        idx = first + i  # [B, C]
-        active = idx < last
-        tile = jnp.take_along_axis(plan.order, jnp.clip(idx, 0, cfg.num_tiles - 1), axis=1)  # [B, C]
-        first_slot = tile[..., None] * bk + jnp.arange(0, bk, unit, dtype=jnp.int32)  # [B, C, bk / u]
-        unit_page = arrays["page_table"][rows_idx, jnp.minimum(first_slot // ps, cfg.max_pages - 1)]
-        flat = jnp.maximum(unit_page, 0) * (ps // unit) + first_slot % ps // unit  # [B, C, bk / u]
-
-        def gather(x):  # one tile of every (sequence, split): [B, C, bk, ...]
-            return x[flat].reshape(b, c, bk, *x.shape[2:])
-
-        slot = tile[..., None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [B, C, bk]
-        page = jnp.repeat(unit_page, unit, axis=-1)
-        kv_pos, exists = cfg.slot_position(slot, length[:, None, None], offset[:, None, None])
-        live = exists & (page >= 0) & active[..., None]  # [B, C, bk]
-        k = gather(k_units).astype(cfg.compute_dtype)  # [B, C, bk, K, H]
-        s = jnp.einsum("BKRH,BCSKH->BCKRS", q_rows, k, precision=precision, preferred_element_type=jnp.float32)
-        if k_scales is not None:
-            s = s * jnp.moveaxis(gather(ks_units), -1, 2)[:, :, :, None, :]  # [B, C, K, 1, bk]
-        s = s * cfg.scale
-        if cfg.softcap is not None:
-            s = cfg.softcap * jnp.tanh(s / cfg.softcap)
-        visible = live[:, :, None, None, :]  # [B, C, 1, 1, bk]
-        if cfg.mask_fn is not None:
-            kv = tuple(x[rows_idx, slot][:, :, None, None, :] for x in kv_vals)
-            visible = visible & cfg.mask_fn(q_pos, kv_pos[:, :, None, None, :], q_vals, kv)
-        s = jnp.where(visible, s, -jnp.inf)  # [B, C, K, R, bk]
-        seen = jnp.any(jnp.broadcast_to(visible, s.shape[:2] + (1,) + s.shape[3:]), axis=3)  # [B, C, 1, bk]
-        v = gather(k_units)[..., :hv] if v_units is None else gather(v_units)  # [B, C, bk, K, Hv]
-        v = v.astype(jnp.float32 if v_scales is not None else cfg.compute_dtype)
-        if v_scales is not None:
-            v = v * gather(vs_units)[..., None]
-        v = jnp.where(jnp.moveaxis(seen, 2, -1)[..., None], v, jnp.zeros_like(v))  # NaN-safe P @ V
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))  # [B, C, K, R]
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m_prev - m_safe)
-        p = jnp.exp(s - m_safe[..., None])
-        l_new = alpha * l_prev + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("BCKRS,BCSKV->BCKRV", p.astype(v.dtype), v, precision=precision,
-                        preferred_element_type=jnp.float32)  # fmt: skip
-        return m_new, l_new, alpha[..., None] * acc_prev + pv
-
-    carry = (
-        jnp.full((b, c, kh, rows), -jnp.inf, jnp.float32),
-        jnp.zeros((b, c, kh, rows), jnp.float32),
-        jnp.zeros((b, c, kh, rows, hv), jnp.float32),
-    )
-    m, denom, acc = lax.fori_loop(0, steps, step, carry)
-    empty = denom == 0.0
-    safe = jnp.where(empty, 1.0, denom)
-    out = acc / safe[..., None]
-    lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe))
-    return out.transpose(0, 2, 1, 3, 4), lse.transpose(0, 2, 1, 3), steps
-
-
 def _flat_pages(x: Array | None) -> Array | None:
     """``[P, ps, ...] -> [P * ps, ...]``: a free reshape, so a slot's row is ``page * ps + slot % ps``."""
     return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def _run(cfg: DecodeConfig, arrays, q, k_pages, v_pages, k_scales, v_scales, kernel: str, interpret: bool):
-    """``(out [B, T, N, Hv] q.dtype, lse [B, N, T] f32, steps)`` (``steps`` None for the Pallas bodies)."""
-    block_map = decode_block_map(cfg, arrays["page_table"], arrays["lengths"], arrays["kv_offset"],
-                                 arrays["block_map"])  # fmt: skip
-    plan = visit_plan(cfg, block_map, arrays["lengths"], arrays["kv_offset"])
-    q_rows = _to_rows(q, cfg).astype(cfg.compute_dtype)  # [B, K, R, H]
-    if cfg.keys_only:  # the values are the keys' first channels: their scales too
-        v_scales = k_scales
-    steps = None
-    if kernel == "xla":
-        out, lse, steps = _xla_rows(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays)
-    elif kernel == "mosaic_tpu":
-        from pallas_kernels import _decode_mosaic_tpu
-
-        out, lse = _decode_mosaic_tpu.forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays,
-                                              interpret=interpret)  # fmt: skip
-    else:
-        from pallas_kernels import _decode_triton
-
-        flat = tuple(_flat_pages(x) for x in (k_pages, v_pages, k_scales, v_scales))
-        out, lse = _decode_triton.forward(cfg, q_rows, *flat, plan, arrays, interpret=interpret)
-    out, lse = combine_splits(out, lse)  # [B, K, R, Hv], [B, K, R]
-    out, lse = _from_rows(out, lse, cfg)
-    return out.astype(q.dtype), lse, steps
 
 
 def decode_attention(
@@ -518,22 +399,44 @@ def decode_attention(
     >>> out.shape
     (1, 2, 2, 16)
     """
-    cfg, arrays = _prepare(q, k_pages, v_pages, page_table, lengths, q_positions, kv_offset, ring, k_scales,
-                           v_scales, q_vals, kv_vals, block_map, scale, softcap, value_dim, block_k, num_splits,
-                           kernel, mask_fn)  # fmt: skip
-    out, lse, _ = _run(cfg, arrays, q, k_pages, v_pages, k_scales, v_scales, kernel, interpret)
+    out, lse, _ = _decode(
+        q, k_pages, v_pages, page_table, lengths, q_positions=q_positions, kv_offset=kv_offset, ring=ring,
+        k_scales=k_scales, v_scales=v_scales, mask_fn=mask_fn, q_vals=q_vals, kv_vals=kv_vals, block_map=block_map,
+        scale=scale, softcap=softcap, value_dim=value_dim, block_k=block_k, num_splits=num_splits, kernel=kernel,
+        interpret=interpret,
+    )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
-def _decode_with_steps(q, k_pages, v_pages, page_table, lengths, **kwargs):
-    """:func:`decode_attention` with the XLA body, also returning its loop trip count (for tests)."""
-    kwargs = dict(kwargs, kernel="xla")
-    names = ("q_positions", "kv_offset", "ring", "k_scales", "v_scales", "q_vals", "kv_vals", "block_map", "scale",
-             "softcap", "value_dim", "block_k", "num_splits")  # fmt: skip
-    defaults = dict(kv_offset=0, q_vals=(), kv_vals=())
-    args = [kwargs.get(name, defaults.get(name)) for name in names]
-    cfg, arrays = _prepare(q, k_pages, v_pages, page_table, lengths, *args, "xla", kwargs.get("mask_fn"))
-    return _run(cfg, arrays, q, k_pages, v_pages, kwargs.get("k_scales"), kwargs.get("v_scales"), "xla", False)
+def _decode(q, k_pages, v_pages, page_table, lengths, *, interpret: bool = False, **options):
+    """``(out, lse, steps)``: :func:`decode_attention`'s work; ``steps`` is the XLA body's loop trip count
+    (None for the Pallas bodies), which tests read to count the tiles a call visits."""
+    cfg, arrays = _prepare(q, k_pages, v_pages, page_table, lengths, **options)
+    block_map = decode_block_map(cfg, arrays["page_table"], arrays["lengths"], arrays["kv_offset"],
+                                 arrays["block_map"])  # fmt: skip
+    plan = visit_plan(cfg, block_map, arrays["lengths"], arrays["kv_offset"])
+    q_rows = _to_rows(q, cfg).astype(cfg.compute_dtype)  # [B, K, R, H]
+    k_scales = options.get("k_scales")
+    # The values of a keys-only cache are the keys' first channels: their scales too.
+    v_scales = k_scales if cfg.keys_only else options.get("v_scales")
+    kernel, steps = options.get("kernel", "xla"), None
+    if kernel == "xla":
+        from pallas_kernels import _decode_xla
+
+        out, lse, steps = _decode_xla.forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays)
+    elif kernel == "mosaic_tpu":
+        from pallas_kernels import _decode_mosaic_tpu
+
+        out, lse = _decode_mosaic_tpu.forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays,
+                                              interpret=interpret)  # fmt: skip
+    else:
+        from pallas_kernels import _decode_triton
+
+        flat = tuple(_flat_pages(x) for x in (k_pages, v_pages, k_scales, v_scales))
+        out, lse = _decode_triton.forward(cfg, q_rows, *flat, plan, arrays, interpret=interpret)
+    out, lse = combine_splits(out, lse)  # [B, K, R, Hv], [B, K, R]
+    out, lse = _from_rows(out, lse, cfg)
+    return out.astype(q.dtype), lse, steps
 
 
 # -- reference -------------------------------------------------------------------------------------
@@ -575,9 +478,11 @@ def decode_attention_reference(
     >>> out.shape, float(abs(out).max())  # nothing to attend to: zeros
     ((1, 1, 1, 8), 0.0)
     """
-    cfg, arrays = _prepare(q, k_pages, v_pages, page_table, lengths, q_positions, kv_offset, ring, k_scales,
-                           v_scales, q_vals, kv_vals, block_map, scale, softcap, value_dim, block_k, num_splits,
-                           "xla", mask_fn)  # fmt: skip
+    cfg, arrays = _prepare(
+        q, k_pages, v_pages, page_table, lengths, q_positions=q_positions, kv_offset=kv_offset, ring=ring,
+        k_scales=k_scales, v_scales=v_scales, mask_fn=mask_fn, q_vals=q_vals, kv_vals=kv_vals, block_map=block_map,
+        scale=scale, softcap=softcap, value_dim=value_dim, block_k=block_k, num_splits=num_splits,
+    )  # fmt: skip
     b, t, n, h = q.shape
     kh, g, s_len = cfg.num_kv_heads, cfg.group, cfg.num_slots
     table = arrays["page_table"]

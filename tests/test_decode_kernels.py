@@ -17,7 +17,7 @@ import pytest
 
 from pallas_kernels import mask_info
 from pallas_kernels.decode_attention import (
-    _decode_with_steps,
+    _decode,
     decode_attention,
     decode_attention_reference,
     dense_as_pages,
@@ -172,7 +172,7 @@ def test_sliding_window_block_map(kernel):
     if kernel == "xla":
         window_tiles = int(np.count_nonzero(block_map != mask_info.EMPTY, axis=1).max())
         assert window_tiles == 2 < c // bk
-        steps = jax.jit(lambda a: _decode_with_steps(**a, block_k=bk, mask_fn=_window(left))[2])(args)
+        steps = jax.jit(lambda a: _decode(**a, block_k=bk, mask_fn=_window(left))[2])(args)
         assert int(steps) == window_tiles
 
 
