@@ -268,7 +268,9 @@ class VisitPlan:
         return self.meta[:, 2] + self.meta[:, 3]
 
 
-jax.tree_util.register_dataclass(VisitPlan, data_fields=["order", "meta"], meta_fields=[])
+# Registered with the class in the tree structure (see ``_flash_plan.Plan``): JAX 0.10's
+# ``register_dataclass`` structures of different classes with the same children compare equal.
+jax.tree_util.register_pytree_node(VisitPlan, lambda p: ((p.order, p.meta), None), lambda _, c: VisitPlan(*c))
 
 
 def visit_plan(cfg: DecodeConfig, block_map, lengths, kv_offset) -> VisitPlan:
