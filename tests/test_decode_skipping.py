@@ -20,7 +20,7 @@ import attention_jax as aj
 from attention_jax.cache.layout import kernel_layout
 from attention_jax.functional import backends
 from attention_jax.functional.cached import resolve_cache_mask
-from pallas_kernels.decode_attention import DEFAULT_BLOCK_K, _decode_with_steps, decode_attention_reference
+from pallas_kernels.decode_attention import DEFAULT_BLOCK_K, _decode, decode_attention_reference
 from pallas_kernels.mask_info import EMPTY
 
 D, WINDOW, CAPACITY, BLOCK_K = 16, 24, 512, 32
@@ -61,9 +61,9 @@ def test_the_kernel_visits_only_the_window(kind):
     args = (q, lay.k_pages, lay.v_pages, lay.page_table, lay.lengths)
     kwargs = dict(q_positions=q_positions, mask_fn=mask_fn, q_vals=q_vals, kv_vals=kv_vals, block_k=BLOCK_K,
                   **lay.kernel_arguments())  # fmt: skip
-    out, _, steps = jax.jit(lambda *a: _decode_with_steps(*a, block_map=block_map, **kwargs))(*args)
+    out, _, steps = jax.jit(lambda *a: _decode(*a, block_map=block_map, **kwargs))(*args)
     assert int(steps) == visited.max()  # the loop runs over the window's tiles only
-    _, _, all_steps = jax.jit(lambda *a: _decode_with_steps(*a, **kwargs))(*args)
+    _, _, all_steps = jax.jit(lambda *a: _decode(*a, **kwargs))(*args)
     assert int(all_steps) == -(-max(PROMPT) // BLOCK_K)  # without the block map: every written tile
     np.testing.assert_allclose(out, decode_attention_reference(*args, block_map=block_map, **kwargs), atol=1e-5)
 

@@ -184,9 +184,10 @@ def cached_attention(
         out, lse, cache = _kernel_step(query, key, value, cache, new, mask, sinks, scale=scale, softcap=softcap,
                                        value_dim=value_dim, kernel=kernel, interpret=interpret)  # fmt: skip
     except ValueError:
-        if kernel != "triton" or implementation not in (None, "auto"):
+        if kernel not in ("triton", "mosaic_tpu") or implementation not in (None, "auto"):
             raise
-        # The Triton body refuses some head dims (non-power-of-two Hv): the XLA body serves every shape.
+        # A Pallas body refuses some shapes (Triton: a non-power-of-two Hv; Mosaic TPU: pages smaller than
+        # its native tile), saying why; chosen automatically, the XLA body serves every shape instead.
         out, lse, cache = _kernel_step(query, key, value, cache, new, mask, sinks, scale=scale, softcap=softcap,
                                        value_dim=value_dim, kernel="xla", interpret=False)  # fmt: skip
     return ((out, lse) if return_lse else out), cache
