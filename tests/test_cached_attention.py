@@ -172,3 +172,45 @@ def test_triton_body_interpreted_and_lowered_for_cuda():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
     lowered = jax.jit(_triton_step, static_argnums=4).trace(q, kn, vn, cache, False).lower(lowering_platforms=("cuda",))
     assert "triton" in lowered.as_text().lower()
+
+
+def test_mosaic_tpu_body_interpreted_and_lowered_for_tpu():
+    r = np.random.default_rng(3)
+    h = 128  # the TPU body's lanes
+    cache = aj.cache.PagedKVCache.create(B, num_pages=8, page_size=32, max_pages=4, num_kv_heads=K, head_dim=h,
+                                         quantized="int8")  # fmt: skip
+    kp, kn = (jnp.asarray(r.normal(size=(B, s, K, h)), jnp.float32) for s in (40, 2))
+    q = jnp.asarray(r.normal(size=(B, 2, N, h)), jnp.float32)
+    cache, _ = cache.update(kp, kp, lengths=jnp.asarray([40, 23]))
+    mask = aj.masks.causal() & aj.masks.sliding_window(20)
+
+    def step(q, kn, cache, interpret):
+        return cached_attention(q, kn, kn, cache, mask=mask, kernel="mosaic_tpu", interpret=interpret)[0]
+
+    got = jax.jit(step, static_argnums=3)(q, kn, cache, True)
+    want = cached_attention(q, kn, kn, cache, mask=mask, implementation="reference")[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    lowered = jax.jit(step, static_argnums=3).trace(q, kn, cache, False).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_layer_decode_through_the_kernel_equals_the_full_forward():
+    """A sliding-window GQA layer with sinks and softcap: a rolling cache, a prefill and a 3-token verify block."""
+    layer = aj.nn.MultiHeadAttention(
+        32, num_heads=N, num_kv_heads=K, rope=aj.positional.RoPE(), softcap=20.0, sinks=True, mask=aj.masks.causal(),
+        sliding_window=3, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    layer.sinks[...] = jnp.linspace(-1.0, 1.0, N)
+    seq = jax.random.normal(jax.random.key(3), (B, 9, 32))
+
+    @nnx.jit
+    def run(layer, seq):
+        cache = layer.init_cache(B, 16, kind="rolling")
+        first, cache = layer(seq[:, :6], cache=cache, lengths=jnp.asarray([6, 6]))
+        block, cache = layer(seq[:, 6:9], cache=cache)
+        return layer(seq), first, block
+
+    full, first, block = run(layer, seq)
+    assert fallback_reason(jnp.zeros((B, 3, N, 8)), layer.init_cache(B, 16, kind="rolling")) is None
+    np.testing.assert_allclose(np.asarray(first), np.asarray(full[:, :6]), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(block), np.asarray(full[:, 6:9]), atol=2e-5, rtol=2e-5)
