@@ -44,6 +44,8 @@ def unit_size(cfg) -> int:
 
 def unsupported_reason(cfg, num_kv_vals: int = 0) -> str | None:
     """Why the Mosaic TPU body cannot serve ``cfg`` (None: it can)."""
+    if cfg.score_fn is not None:
+        return "kernel='mosaic_tpu' does not apply a score_fn yet; kernel='xla' does."
     if cfg.num_kv_heads > 1 and (cfg.head_dim % LANES or (not cfg.keys_only and cfg.value_dim % LANES)):
         return (f"kernel='mosaic_tpu' reads a head as a block of lanes: H and Hv must be multiples of {LANES} "
                 f"when K > 1, got H={cfg.head_dim}, Hv={cfg.value_dim}, K={cfg.num_kv_heads}.")  # fmt: skip

@@ -37,6 +37,8 @@ def _next_power_of_2(n: int) -> int:
 
 def unsupported_reason(cfg) -> str | None:
     """Why the Triton body cannot serve ``cfg`` (None: it can)."""
+    if cfg.score_fn is not None:
+        return "kernel='triton' does not apply a score_fn yet; kernel='xla' does."
     if cfg.head_dim % MIN_BLOCK:
         return f"kernel='triton' needs H a multiple of {MIN_BLOCK} (the pool is never padded), got H={cfg.head_dim}."
     hv = cfg.value_dim

@@ -45,6 +45,11 @@ def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
     precision = lax.Precision.HIGHEST if cfg.compute_dtype == jnp.float32 else None
     rows_idx = jnp.arange(b)[:, None, None]
     unit = math.gcd(ps, bk)
+    # Score-mod operands, broadcast against the scores [B, C, K, R, bk]: query head of row r is k * G + r % G.
+    batch = jnp.arange(b, dtype=jnp.int32)[:, None, None, None, None]
+    head = (jnp.arange(kh, dtype=jnp.int32)[:, None] * cfg.group + jnp.arange(rows, dtype=jnp.int32) % cfg.group)
+    head = head[None, None, :, :, None]  # [1, 1, K, R, 1]
+    head_params = tuple(x[head] for x in arrays["score_params"])
 
     def units(x):  # [P, ps, ...] -> [P * ps / u, u, ...]
         return None if x is None else x.reshape(x.shape[0] * ps // unit, unit, *x.shape[2:])
@@ -65,15 +70,17 @@ def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
 
         slot = tile[..., None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [B, C, bk]
         page = jnp.repeat(unit_page, unit, axis=-1)
-        kv_pos, exists = cfg.slot_position(slot, length[:, None, None], offset[:, None, None])
-        live = exists & (page >= 0) & active[..., None]  # [B, C, bk]
         k = gather(k_units).astype(cfg.compute_dtype)  # [B, C, bk, K, H]
         s = jnp.einsum("BKRH,BCSKH->BCKRS", q_rows, k, precision=precision, preferred_element_type=jnp.float32)
         if k_scales is not None:
             s = s * jnp.moveaxis(gather(ks_units), -1, 2)[:, :, :, None, :]  # [B, C, K, 1, bk]
         s = s * cfg.scale
+        kv_pos, exists = cfg.slot_position(slot, length[:, None, None], offset[:, None, None])
+        if cfg.score_fn is not None:
+            s = cfg.score_fn(s, batch, head, q_pos, kv_pos[:, :, None, None, :], head_params)
         if cfg.softcap is not None:
             s = cfg.softcap * jnp.tanh(s / cfg.softcap)
+        live = exists & (page >= 0) & active[..., None]  # [B, C, bk]
         visible = live[:, :, None, None, :]  # [B, C, 1, 1, bk]
         if cfg.mask_fn is not None:
             kv = tuple(x[rows_idx, slot][:, :, None, None, :] for x in kv_vals)

@@ -91,6 +91,7 @@ class DecodeConfig:
     scale: float
     softcap: float | None
     mask_fn: Callable | None
+    score_fn: Callable | None  # MaskSpec.score_fn protocol; per-head parameters travel as arrays
     keys_only: bool  # values are the first Hv channels of the keys
     quantized: bool
     compute_dtype: jnp.dtype  # operands of the dots
@@ -129,7 +130,8 @@ def _check(cond: bool, message: str):
 
 def _prepare(q, k_pages, v_pages, page_table, lengths, *, q_positions=None, kv_offset=0, ring=None, k_scales=None,
              v_scales=None, mask_fn=None, q_vals=(), kv_vals=(), block_map=None, scale=None, softcap=None,
-             value_dim=None, block_k=None, num_splits=None, kernel="xla"):  # fmt: skip
+             score_fn=None, score_params=(), value_dim=None, block_k=None, num_splits=None,
+             kernel="xla"):  # fmt: skip
     """Validate every argument once; return the static config and the arrays in canonical form."""
     _check(kernel in KERNELS, f"kernel must be one of {KERNELS}, got {kernel=!r}.")
     _check(jnp.ndim(q) == 4, f"q must be [B, T, N, H], got q.shape={jnp.shape(q)}.")
@@ -191,6 +193,12 @@ def _prepare(q, k_pages, v_pages, page_table, lengths, *, q_positions=None, kv_o
         _check(jnp.shape(x) == (b, m * ps), f"kv_vals[{i}] must be [B, M * ps]=[{b}, {m * ps}], got {jnp.shape(x)}.")
     if softcap is not None:
         _check(float(softcap) > 0, f"softcap must be positive, got {softcap=}.")
+    score_params = tuple(jnp.asarray(x, jnp.float32) for x in score_params)
+    _check(score_fn is not None or not score_params, "score_params need a score_fn.")
+    if score_fn is not None:
+        _check(q_positions is not None, "score_fn needs q_positions [B, T].")
+    for i, x in enumerate(score_params):
+        _check(x.shape == (n,), f"score_params[{i}] must be [N]=[{n}] (one value per query head), got {x.shape}.")
     num_slots = m * ps if ring is None else ring
     if block_k is None:
         _check(block_map is None, "block_map needs the block_k its tiles were built for.")
@@ -207,7 +215,8 @@ def _prepare(q, k_pages, v_pages, page_table, lengths, *, q_positions=None, kv_o
         batch=b, q_len=t, num_kv_heads=kh, group=n // kh, head_dim=h, value_dim=hv, page_size=ps, max_pages=m,
         num_slots=num_slots, ring=ring, block_k=block_k, num_splits=min(num_splits, nk),
         scale=float(1.0 / math.sqrt(h) if scale is None else scale),
-        softcap=None if softcap is None else float(softcap), mask_fn=mask_fn, keys_only=v_pages is None,
+        softcap=None if softcap is None else float(softcap), mask_fn=mask_fn, score_fn=score_fn,
+        keys_only=v_pages is None,
         quantized=quantized, compute_dtype=jnp.dtype(q.dtype if quantized else kdt),
     )  # fmt: skip
     arrays = dict(
@@ -218,6 +227,7 @@ def _prepare(q, k_pages, v_pages, page_table, lengths, *, q_positions=None, kv_o
         q_vals=q_vals,
         kv_vals=kv_vals,
         block_map=block_map,
+        score_params=score_params,
     )
     return cfg, arrays
 
@@ -356,6 +366,8 @@ def decode_attention(
     block_map: Array | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    score_fn: Callable | None = None,
+    score_params: tuple = (),
     value_dim: int | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
@@ -383,6 +395,9 @@ def decode_attention(
       block_map: ``[B, nk]`` int8 EMPTY/PARTIAL/FULL per tile of ``block_k`` logical slots, or None.
         Intersected with the map the lengths imply; EMPTY tiles are never loaded (and count as masked).
       scale: score scale, default ``1 / sqrt(H)``; softcap: ``c * tanh(s / c)`` before masking.
+      score_fn: ``fn(score, batch, head, q_pos, kv_pos, params) -> score`` applied after the scale and
+        before softcap (the :class:`~pallas_kernels.mask_info.MaskSpec` protocol: ALiBi, relative
+        biases), with ``score_params`` per query head, each ``[N]``. The XLA body only, for now.
       value_dim: ``Hv`` when ``v_pages`` is None.
       block_k: key tile (power of two >= 16), any page size works with any tile; num_splits: split-K chunks.
       kernel: ``"xla"`` (blockwise XLA, the CPU default), ``"triton"`` (Pallas Triton, GPU) or
@@ -404,8 +419,8 @@ def decode_attention(
     out, lse, _ = _decode(
         q, k_pages, v_pages, page_table, lengths, q_positions=q_positions, kv_offset=kv_offset, ring=ring,
         k_scales=k_scales, v_scales=v_scales, mask_fn=mask_fn, q_vals=q_vals, kv_vals=kv_vals, block_map=block_map,
-        scale=scale, softcap=softcap, value_dim=value_dim, block_k=block_k, num_splits=num_splits, kernel=kernel,
-        interpret=interpret,
+        scale=scale, softcap=softcap, score_fn=score_fn, score_params=score_params, value_dim=value_dim,
+        block_k=block_k, num_splits=num_splits, kernel=kernel, interpret=interpret,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -462,6 +477,8 @@ def decode_attention_reference(
     block_map: Array | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    score_fn: Callable | None = None,
+    score_params: tuple = (),
     value_dim: int | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
@@ -483,7 +500,8 @@ def decode_attention_reference(
     cfg, arrays = _prepare(
         q, k_pages, v_pages, page_table, lengths, q_positions=q_positions, kv_offset=kv_offset, ring=ring,
         k_scales=k_scales, v_scales=v_scales, mask_fn=mask_fn, q_vals=q_vals, kv_vals=kv_vals, block_map=block_map,
-        scale=scale, softcap=softcap, value_dim=value_dim, block_k=block_k, num_splits=num_splits,
+        scale=scale, softcap=softcap, score_fn=score_fn, score_params=score_params, value_dim=value_dim,
+        block_k=block_k, num_splits=num_splits,
     )  # fmt: skip
     b, t, n, h = q.shape
     kh, g, s_len = cfg.num_kv_heads, cfg.group, cfg.num_slots
@@ -517,6 +535,13 @@ def decode_attention_reference(
     visible = jnp.broadcast_to(visible, (b, t, s_len))
     qf = q.astype(jnp.float32).reshape(b, t, kh, g, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qf, keys, precision=lax.Precision.HIGHEST) * cfg.scale
+    if cfg.score_fn is not None:
+        head = jnp.arange(n, dtype=jnp.int32).reshape(1, kh, g, 1, 1)
+        scores = cfg.score_fn(
+            scores, jnp.arange(b, dtype=jnp.int32).reshape(b, 1, 1, 1, 1), head,
+            arrays["q_positions"][:, None, None, :, None], kv_pos[:, None, None, None, :],
+            tuple(x[head] for x in arrays["score_params"]),
+        )  # fmt: skip
     if cfg.softcap is not None:
         scores = cfg.softcap * jnp.tanh(scores / cfg.softcap)
     mask = visible[:, None, None]  # [B, 1, 1, T, S]

@@ -281,3 +281,38 @@ def test_pallas_bodies_name_what_they_cannot_serve():
         segments = jnp.zeros((3, 64), jnp.int32)
         decode_attention(**_problem(0), kernel="mosaic_tpu", interpret=True, mask_fn=_causal,
                          q_positions=jnp.zeros((3, 1), jnp.int32), kv_vals=(segments,))  # fmt: skip
+
+
+def _alibi(score, batch, head, q_pos, kv_pos, params):
+    return score + params[0] * (kv_pos - q_pos).astype(score.dtype)
+
+
+def test_score_fn_alibi_matches_a_float64_loop():
+    """ALiBi through score_fn on the XLA body == a float64 computation written here; Pallas bodies refuse it."""
+    args = _problem(7, t=2, n=4, k=2, h=32, hv=32, c=48, ps=8, lengths=(48, 20, 7))
+    lengths = np.asarray(args["lengths"])
+    q_pos = lengths[:, None] - 2 + np.arange(2)[None, :]
+    slopes = np.asarray([0.5, 0.25, 0.125, 0.0625], np.float32)
+    extra = dict(q_positions=jnp.asarray(q_pos, jnp.int32), mask_fn=_causal, score_fn=_alibi,
+                 score_params=(jnp.asarray(slopes),), block_k=16, num_splits=2)  # fmt: skip
+    out = np.asarray(jax.jit(lambda a: decode_attention(**a, **extra))(args), np.float64)
+    ref = np.asarray(decode_attention_reference(**args, **extra), np.float64)
+    # The oracle: dense keys gathered in numpy, scores + slope * (kv_pos - q_pos), causal, float64 softmax.
+    table, kp, vp = (np.asarray(args[k], np.float64) for k in ("page_table", "k_pages", "v_pages"))
+    q = np.asarray(args["q"], np.float64)
+    expected = np.zeros_like(out)
+    for b in range(3):
+        keys = np.concatenate([kp[int(p)] for p in table[b] if p >= 0])[: lengths[b]]  # [S, K, H]
+        values = np.concatenate([vp[int(p)] for p in table[b] if p >= 0])[: lengths[b]]
+        for t in range(2):
+            for n in range(4):
+                kv = n // 2
+                s = keys[:, kv] @ q[b, t, n] / np.sqrt(32) + slopes[n] * (np.arange(lengths[b]) - q_pos[b, t])
+                s = np.where(np.arange(lengths[b]) <= q_pos[b, t], s, -np.inf)
+                w = np.exp(s - s.max())
+                expected[b, t, n] = (w / w.sum()) @ values[:, kv]
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    np.testing.assert_allclose(ref, expected, atol=1e-5)
+    for kernel in ("triton", "mosaic_tpu"):
+        with pytest.raises(ValueError, match="score_fn"):
+            decode_attention(**args, **extra, kernel=kernel, interpret=True)
