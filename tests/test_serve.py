@@ -72,3 +72,27 @@ def test_main_compare_reports(serve, tmp_path, capsys):
     assert written == pytest.approx(metrics)
     assert written["tokens"] == 9 and written["pages_at_end"] == 0 and written["same_as_generate"] == 1.0
     assert np.isfinite(written["ratio"]) and written["tokens_per_s"] > 0
+
+
+def test_sampling_near_zero_temperature_is_greedy(serve):
+    """temperature > 0 samples inside the step; as it goes to 0 the samples become the greedy tokens (and at 1 they
+    are not: a random model's logits are nearly flat over 32 tokens)."""
+    model = tiny_lm(1)
+    requests = serve.make_requests(3, 32, (2, 6), (3, 4), seed=5)
+    run = lambda t: serve.Engine(model, slots=2, max_length=10, page_size=4, chunk=4, temperature=t).run(requests)[0]
+    greedy = run(0.0)
+    assert run(1e-6) == greedy
+    hot = run(1.0)
+    assert hot != greedy and [len(hot[r.id]) for r in requests] == [r.max_new_tokens for r in requests]
+
+
+def test_main_serves_a_checkpoint(serve, tmp_path, capsys):
+    """--checkpoint DIR: a saved Llama checkpoint is served, each request equal to aj.generate on its weights."""
+    config = aj.models.llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                                         num_heads=2, num_kv_heads=1, head_dim=8)  # fmt: skip
+    aj.models.llama.to_pretrained(aj.models.llama.build(config, rngs=nnx.Rngs(4)), config, tmp_path / "llama")
+    metrics = serve.main(["--checkpoint", str(tmp_path / "llama"), "--requests", "2", "--slots", "2",
+                          "--prompt-lengths", "3", "--new-tokens", "2", "--page-size", "4", "--chunk", "4",
+                          "--repeats", "1", "--compare", "--quiet", "--out-dir", str(tmp_path)])  # fmt: skip
+    assert metrics["same_as_generate"] == 1.0 and metrics["tokens"] == 4
+    assert "same tokens as aj.generate for 2/2 requests" in capsys.readouterr().out
