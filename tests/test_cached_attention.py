@@ -24,8 +24,8 @@ N = K * G
 PROMPT = np.array([7, 3])
 
 
-def _cache(kind, quantized, capacity, value_dim=H, max_rollback=0, window=None):
-    sizes = dict(num_kv_heads=K, head_dim=H, value_head_dim=value_dim, quantized=quantized)
+def _cache(kind, quantized, capacity, value_dim=H, max_rollback=0, window=None, dtype=jnp.float32):
+    sizes = dict(num_kv_heads=K, head_dim=H, value_head_dim=value_dim, quantized=quantized, dtype=dtype)
     if kind == "dense":
         return aj.cache.KVCache.create(B, capacity, **sizes)
     if kind == "paged":  # a pool smaller than B * max_pages: sequences interleave pages
@@ -35,7 +35,7 @@ def _cache(kind, quantized, capacity, value_dim=H, max_rollback=0, window=None):
 
 def _reference(q, stream_k, stream_v, q_pos, *, window, softcap, sinks, scale):
     """float64: query row ``t`` of sequence ``b`` over its stream's keys at positions ``0 .. len - 1``."""
-    q = np.asarray(q, np.float64)
+    q = np.asarray(q.astype(jnp.float32), np.float64)
     b, t, n, _ = q.shape
     out = np.zeros((b, t, n, stream_v[0].shape[-1]))
     for i in range(b):
@@ -57,26 +57,29 @@ def _reference(q, stream_k, stream_v, q_pos, *, window, softcap, sinks, scale):
     return out
 
 
-CASES = [  # kind, quantized, window, T, max_rollback, softcap, sinks
-    ("dense", False, None, 1, 0, None, False),
-    ("paged", "int8", 5, 3, 0, 20.0, True),
-    ("rolling", False, 5, 2, 0, None, True),
-    ("rolling", "fp8", 4, 3, 2, None, False),
+CASES = [  # kind, quantized, window, T, max_rollback, softcap, sinks, dtype
+    ("dense", False, None, 1, 0, None, False, "float32"),
+    ("paged", "int8", 5, 3, 0, 20.0, True, "float32"),
+    ("rolling", False, 5, 2, 0, None, True, "float32"),
+    ("rolling", "fp8", 4, 3, 2, None, False, "float32"),
+    ("paged", False, 5, 2, 0, None, True, "bfloat16"),
 ]
+TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2}
 
 
-@pytest.mark.parametrize("kind,quantized,window,t,max_rollback,softcap,sinks", CASES)
-def test_decode_step_equals_attention_over_the_stream(kind, quantized, window, t, max_rollback, softcap, sinks):
+@pytest.mark.parametrize("kind,quantized,window,t,max_rollback,softcap,sinks,dtype", CASES)
+def test_decode_step_equals_attention_over_the_stream(kind, quantized, window, t, max_rollback, softcap, sinks,
+                                                      dtype):  # fmt: skip
     r = np.random.default_rng(0)
     p = int(PROMPT.max())
-    kp, vp = (jnp.asarray(r.normal(size=(B, p, K, H)), jnp.float32) for _ in range(2))
-    kn, vn = (jnp.asarray(r.normal(size=(B, t, K, H)), jnp.float32) for _ in range(2))
-    q = jnp.asarray(r.normal(size=(B, t, N, H)), jnp.float32)
+    kp, vp = (jnp.asarray(r.normal(size=(B, p, K, H)), dtype) for _ in range(2))
+    kn, vn = (jnp.asarray(r.normal(size=(B, t, K, H)), dtype) for _ in range(2))
+    q = jnp.asarray(r.normal(size=(B, t, N, H)), dtype)
     sink = jnp.asarray(r.normal(size=(N,)), jnp.float32) if sinks else None
-    cache = _cache(kind, quantized, 16, max_rollback=max_rollback, window=window)
+    cache = _cache(kind, quantized, 16, max_rollback=max_rollback, window=window, dtype=dtype)
     cache, _ = cache.update(kp, vp, lengths=jnp.asarray(PROMPT))
     if max_rollback:  # decode after rolling back drafts == never having written them
-        drafts = jnp.asarray(r.normal(size=(B, max_rollback, K, H)), jnp.float32)
+        drafts = jnp.asarray(r.normal(size=(B, max_rollback, K, H)), dtype)
         cache, _ = cache.update(drafts, drafts)
         cache = cache.rollback(max_rollback)
     mask = aj.masks.causal() if window is None else aj.masks.causal() & aj.masks.sliding_window(window)
@@ -85,12 +88,14 @@ def test_decode_step_equals_attention_over_the_stream(kind, quantized, window, t
     new_cache.check()
     assert out.shape == (B, t, N, H) and out.dtype == q.dtype
     st = cache.storage
-    stream_k = [np.concatenate([st.roundtrip(kp)[i, : PROMPT[i]], st.roundtrip(kn)[i]]) for i in range(B)]
-    stream_v = [np.concatenate([st.roundtrip(vp)[i, : PROMPT[i]], st.roundtrip(vn)[i]]) for i in range(B)]
+    stored = lambda x: np.asarray(st.roundtrip(x), np.float64)
+    stream_k = [np.concatenate([stored(kp)[i, : PROMPT[i]], stored(kn)[i]]) for i in range(B)]
+    stream_v = [np.concatenate([stored(vp)[i, : PROMPT[i]], stored(vn)[i]]) for i in range(B)]
     q_pos = PROMPT[:, None] + np.arange(t)
     want = _reference(q, stream_k, stream_v, q_pos, window=window, softcap=softcap, scale=H**-0.5,
                       sinks=None if sink is None else np.asarray(sink))  # fmt: skip
-    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=tol, rtol=tol)
     assert new_cache.lengths.tolist() == (PROMPT + t).tolist()
 
 
