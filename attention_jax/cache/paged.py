@@ -136,10 +136,15 @@ class PagedKVCache(base.Cache):
             raise ValueError(self._overflow_message(end - self.lengths, over))
         return cache
 
-    def _allocate(self, end: Array, copy: Array | None = None) -> PagedKVCache:
-        """New pages for ``end`` tokens, and copies of the shared pages where ``copy [B, max_pages]``."""
+    def _allocate(self, end: Array, copy: Array | None = None, num_new: int | None = None) -> PagedKVCache:
+        """New pages for ``end`` tokens, and copies of the shared pages where ``copy [B, max_pages]``.
+
+        ``num_new`` (static): the update writes at most that many tokens per sequence, so only the table
+        entries from ``lengths // page_size`` on that they can reach may need a copy; the copy then
+        moves those few pages, not every page of the table.
+        """
         (granted, rank), dry = self._pages_needed(end, copy)
-        p = self.num_pages
+        p, m = self.num_pages, self.max_pages
         # Free pages first, in index order: the k-th request of the batch takes the k-th free page.
         order = jnp.argsort(jnp.where(self.free_pages, 0, p) + jnp.arange(p))
         pages = order[jnp.clip(rank, 0, p - 1)]  # [B, max_pages]
@@ -147,8 +152,15 @@ class PagedKVCache(base.Cache):
         if copy is not None:
             copied = granted & copy
             old = jnp.maximum(self.page_table, 0)
-            storage = storage.copy((old,), (jnp.where(copied, pages, p),))
             ref_counts = ref_counts.at[jnp.where(copied, old, p)].add(-1, mode="drop")
+            # The entries a write of num_new tokens can reach: [B, W], W = ceil((num_new - 1) / ps) + 1.
+            reach = m if num_new is None else min(m, -(-max(num_new - 1, 0) // self.page_size) + 1)
+            cols = (self.lengths // self.page_size)[:, None] + jnp.arange(reach, dtype=jnp.int32)[None, :]
+            in_table = cols < m
+            cols = jnp.minimum(cols, m - 1)
+            pick = lambda x: jnp.take_along_axis(x, cols, axis=1)
+            target = jnp.where(pick(copied) & in_table, pick(pages), p)  # [B, W], p: out of range, dropped
+            storage = storage.copy((pick(old),), (target,))
         ref_counts = ref_counts.at[jnp.where(granted, pages, p)].set(1, mode="drop")
         page_table = jnp.where(granted, pages, self.page_table)
         overflow = self.overflow | dry | (end > self.capacity)
@@ -240,7 +252,7 @@ class PagedKVCache(base.Cache):
         ps, p, m = self.page_size, self.num_pages, self.max_pages
         end = self.lengths + new
         copy = self._copies(new)
-        cache = self._allocate(end, copy)
+        cache = self._allocate(end, copy, num_new=t)
         # A shared page that could not be copied (the pool is dry: overflow) is not written.
         blocked = copy & (cache.page_table == self.page_table)  # [B, M]
         pos = self.positions(t)  # [B, T]
