@@ -126,11 +126,32 @@ def test_fallbacks_are_named():
     cache = _cache("dense", False, 16)
     assert decode_kernel(None, "cpu") == "xla" and decode_kernel("pallas", "gpu") == "triton"
     assert decode_kernel("pallas", "cpu") is None and decode_kernel(backends.Blockwise()) is None
-    assert "score_mod" in fallback_reason(q, cache, score_mod=aj.score_mods.alibi(jnp.ones(N)))
+    assert fallback_reason(q, cache, score_mod=aj.score_mods.alibi(jnp.ones(N))) is None  # on the tiles
     assert "boolean-array" in fallback_reason(q, cache, mask=jnp.ones((1, 1, 1, 16), bool))
     assert "prefill" in fallback_reason(jnp.zeros((B, 17, N, H)), cache)
     assert "Blockwise" in fallback_reason(q, cache, implementation=backends.Blockwise())
     assert fallback_reason(q, cache, mask=aj.masks.causal()) is None
+
+
+@pytest.mark.parametrize("kind", ["paged", "rolling"])
+def test_score_mods_decode_on_the_kernel_path(kind):
+    """ALiBi and a T5 bias run on the decode kernel's tiles: == today's path (cache view + the core op)."""
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((B, 2, N, H)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, 2, K, H)), jnp.float32) for _ in range(2))
+    q5 = jnp.asarray(rng.standard_normal((B, 5, N, H)), jnp.float32)
+    k5, v5 = (jnp.asarray(rng.standard_normal((B, 5, K, H)), jnp.float32) for _ in range(2))
+    table = jnp.asarray(rng.standard_normal((8, N)), jnp.float32)  # [buckets, N]
+    for score_mod in (aj.score_mods.alibi(jnp.linspace(0.1, 0.8, N)), aj.score_mods.relative_position_bias(table, 8, 16, bidirectional=False)):
+        cache = _cache(kind, False, 16, window=6)
+        window = aj.masks.sliding_window(6) if kind == "rolling" else aj.masks.full()
+        kw = dict(mask=aj.masks.causal() & window, score_mod=score_mod)
+        _, cache = cached_attention(q5, k5, v5, cache, **kw)  # a prompt of 5 first: the ring wraps
+        fast, _ = cached_attention(q, k, v, cache, **kw)
+        slow, _ = cached_attention(q, k, v, cache, **kw, implementation=backends.Reference())
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="score_mod"):
+        cached_attention(q, k, v, cache, score_mod="alibi")
 
 
 def _layer(implementation, capacity):

@@ -20,8 +20,7 @@ after the write, the oldest key a query of window ``W`` needs.
 **Fallbacks.** :func:`fallback_reason` is the one place that decides that a call keeps today's
 path; it says why. Today: ``T > 16``; a cache kind without a kernel layout; an ``implementation``
 the kernels do not serve (``"cudnn"``, a ``Backend`` instance such as a test's recording backend,
-``"pallas"`` on CPU); a ``score_mod`` (ALiBi, T5 relative bias: the kernel has no score function on
-its tiles yet); a boolean-array mask; mask data that does not index the cache's slots (per-key data
+``"pallas"`` on CPU); a boolean-array mask; mask data that does not index the cache's slots (per-key data
 with a rolling cache, or of another length); dropout. (Modules also keep today's path to record
 attention weights, which are ``[B, N, T, S]`` by definition.)
 """
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_jax import masks as masks_lib
+from attention_jax import score_mods as score_mods_lib
 from attention_jax.cache import layout as layout_lib
 from attention_jax.cache.base import Cache
 from attention_jax.functional.backends import Backend
@@ -93,8 +93,6 @@ def fallback_reason(
         layout = jax.eval_shape(layout_lib.kernel_layout, cache)  # shapes only: nothing is computed
     except TypeError as e:
         return str(e)
-    if score_mod is not None:
-        return "a score_mod (ALiBi, T5 bias) has no tile function in the decode kernels yet"
     if dropout_rng is not None:
         return "dropout is not in the decode kernels"
     if mask is not None and not isinstance(mask, masks_lib.Mask):
@@ -167,6 +165,11 @@ def cached_attention(
         raise ValueError(f"query must be [B, T, N, H], got query.shape={jnp.shape(query)}.")
     if sinks is not None and jnp.shape(sinks) != (query.shape[2],):
         raise ValueError(f"sinks must have shape [N]=[{query.shape[2]}], got sinks.shape={jnp.shape(sinks)}.")
+    if score_mod is not None and not isinstance(score_mod, score_mods_lib.ScoreMod):
+        raise ValueError(
+            f"score_mod must be an attention_jax.score_mods.ScoreMod (see score_mods.from_fn), got "
+            f"{type(score_mod).__name__}."
+        )
     if not dropout_rate or dropout_rng is None:
         dropout_rate, dropout_rng = 0.0, None
     reason = fallback_reason(
@@ -181,15 +184,17 @@ def cached_attention(
     kernel = kernel or decode_kernel(implementation)
     new = _new_tokens(key, lengths)
     try:
-        out, lse, cache = _kernel_step(query, key, value, cache, new, mask, sinks, scale=scale, softcap=softcap,
-                                       value_dim=value_dim, kernel=kernel, interpret=interpret)  # fmt: skip
+        out, lse, cache = _kernel_step(query, key, value, cache, new, mask, score_mod, sinks, scale=scale,
+                                       softcap=softcap, value_dim=value_dim, kernel=kernel,
+                                       interpret=interpret)  # fmt: skip
     except ValueError:
         if kernel not in ("triton", "mosaic_tpu") or implementation not in (None, "auto"):
             raise
         # A Pallas body refuses some shapes (Triton: a non-power-of-two Hv; Mosaic TPU: pages smaller than
         # its native tile), saying why; chosen automatically, the XLA body serves every shape instead.
-        out, lse, cache = _kernel_step(query, key, value, cache, new, mask, sinks, scale=scale, softcap=softcap,
-                                       value_dim=value_dim, kernel="xla", interpret=False)  # fmt: skip
+        out, lse, cache = _kernel_step(query, key, value, cache, new, mask, score_mod, sinks, scale=scale,
+                                       softcap=softcap, value_dim=value_dim, kernel="xla",
+                                       interpret=False)  # fmt: skip
     return ((out, lse) if return_lse else out), cache
 
 
@@ -202,12 +207,13 @@ def _new_tokens(key: Array, lengths: Array | None) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "value_dim", "kernel", "interpret"))
-def _kernel_step(query, key, value, cache, new, mask, sinks, *, scale, softcap, value_dim, kernel, interpret):
+def _kernel_step(query, key, value, cache, new, mask, score_mod, sinks, *, scale, softcap, value_dim, kernel,
+                 interpret):  # fmt: skip
     """One compiled program (inlined under an outer jit): write, attend (ring and new tokens apart), sinks."""
     q_positions = cache.lengths[:, None] + jnp.arange(query.shape[1], dtype=jnp.int32)  # [B, T]
     new_cache, _ = cache.update(key, value, lengths=new)  # the view is dead code: XLA drops its gather
-    attend = functools.partial(_attend, query, q_positions, mask=mask, scale=scale, softcap=softcap,
-                               value_dim=value_dim, kernel=kernel, interpret=interpret)  # fmt: skip
+    attend = functools.partial(_attend, query, q_positions, mask=mask, score_mod=score_mod, scale=scale,
+                               softcap=softcap, value_dim=value_dim, kernel=kernel, interpret=interpret)  # fmt: skip
     if layout_lib.holds_new_tokens(cache):
         out, lse = attend(layout_lib.kernel_layout(new_cache))
     else:  # the ring before the write, then the new tokens, merged by logsumexp
@@ -219,8 +225,8 @@ def _kernel_step(query, key, value, cache, new, mask, sinks, *, scale, softcap, 
     return out, lse, new_cache
 
 
-def _attend(query, q_positions, layout: layout_lib.KernelLayout, *, mask, scale, softcap, value_dim, kernel,
-            interpret):  # fmt: skip
+def _attend(query, q_positions, layout: layout_lib.KernelLayout, *, mask, score_mod, scale, softcap, value_dim,
+            kernel, interpret):  # fmt: skip
     """``decode_attention`` (or its reference) of ``query [B, T, N, H]`` over one layout: ``(out, lse [B, N, T])``."""
     body = "xla" if kernel == "reference" else kernel
     num_slots = layout.num_slots
@@ -232,6 +238,8 @@ def _attend(query, q_positions, layout: layout_lib.KernelLayout, *, mask, scale,
     return fn(
         query, layout.k_pages, layout.v_pages, layout.page_table, layout.lengths, q_positions=q_positions,
         mask_fn=mask_fn, q_vals=q_vals, kv_vals=kv_vals, block_map=block_map, scale=scale, softcap=softcap,
+        score_fn=None if score_mod is None else score_mod.tile_fn(),
+        score_params=() if score_mod is None else score_mod.head_params(),
         value_dim=value_dim if layout.v_pages is None else None, block_k=block_k, kernel=body, interpret=interpret,
         return_lse=True, **layout.kernel_arguments(),
     )  # fmt: skip
