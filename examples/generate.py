@@ -57,7 +57,6 @@ def build_model(args) -> ajnn.TransformerLM:
     )  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def greedy_step(graphdef, state, tokens, cache):
     """Run ``tokens [B, T]`` through the model with its cache; return the next greedy token ``[B]`` and the cache."""
     logits, cache = nnx.merge(graphdef, state)(tokens, cache=cache)  # [B, T, V]
@@ -67,17 +66,19 @@ def greedy_step(graphdef, state, tokens, cache):
 def prefill_and_decode(model, prompt, new_tokens: int, kind: str, quantized: bool):
     """Greedy generation by hand: one prefill call, then one call per new token. Returns tokens and timings."""
     graphdef, state = nnx.split(model)
+    # The step closes over the graph: a static jit argument would be hashed again at every token.
+    step = jax.jit(functools.partial(greedy_step, graphdef), donate_argnums=2)
     b, t = prompt.shape
     cache = model.init_cache(b, t + new_tokens, kind=kind, quantized=quantized)
     cache = jax.tree.map(jnp.copy, cache)  # own buffers: a fresh cache may share its zeros, and we donate them
     start = time.perf_counter()
-    token, cache = greedy_step(graphdef, state, prompt, cache)
+    token, cache = step(state, prompt, cache)
     token.block_until_ready()
     prefill = time.perf_counter() - start
     out = [token]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        token, cache = greedy_step(graphdef, state, token[:, None], cache)
+        token, cache = step(state, token[:, None], cache)
         out.append(token)
     token.block_until_ready()
     decode = (time.perf_counter() - start) / max(new_tokens - 1, 1)

@@ -142,7 +142,9 @@ def test_score_mods_decode_on_the_kernel_path(kind):
     q5 = jnp.asarray(rng.standard_normal((B, 5, N, H)), jnp.float32)
     k5, v5 = (jnp.asarray(rng.standard_normal((B, 5, K, H)), jnp.float32) for _ in range(2))
     table = jnp.asarray(rng.standard_normal((8, N)), jnp.float32)  # [buckets, N]
-    for score_mod in (aj.score_mods.alibi(jnp.linspace(0.1, 0.8, N)), aj.score_mods.relative_position_bias(table, 8, 16, bidirectional=False)):
+    alibi = aj.score_mods.alibi(jnp.linspace(0.1, 0.8, N))
+    t5_bias = aj.score_mods.relative_position_bias(table, 8, 16, bidirectional=False)
+    for score_mod in (alibi, t5_bias):
         cache = _cache(kind, False, 16, window=6)
         window = aj.masks.sliding_window(6) if kind == "rolling" else aj.masks.full()
         kw = dict(mask=aj.masks.causal() & window, score_mod=score_mod)
