@@ -58,6 +58,11 @@ def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
 
     def step(i, carry):
         m_prev, l_prev, acc_prev = carry
+        # Tie the pool to the step: XLA:CPU has no native bf16/fp8 arithmetic and would otherwise move the
+        # tile's conversion to float32 onto the whole (loop-invariant) pool, hoisted before the loop: a
+        # float32 copy of the cache at every call. Measured: temporaries the size of the pool without this.
+        pools, _ = lax.optimization_barrier(((k_units, v_units, ks_units, vs_units), i))
+        k_pool, v_pool, ks_pool, vs_pool = pools
         idx = first + i  # [B, C]
         active = idx < last
         tile = jnp.take_along_axis(plan.order, jnp.clip(idx, 0, cfg.num_tiles - 1), axis=1)  # [B, C]
@@ -70,10 +75,10 @@ def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
 
         slot = tile[..., None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [B, C, bk]
         page = jnp.repeat(unit_page, unit, axis=-1)
-        k = gather(k_units).astype(cfg.compute_dtype)  # [B, C, bk, K, H]
+        k = gather(k_pool).astype(cfg.compute_dtype)  # [B, C, bk, K, H]
         s = jnp.einsum("BKRH,BCSKH->BCKRS", q_rows, k, precision=precision, preferred_element_type=jnp.float32)
         if k_scales is not None:
-            s = s * jnp.moveaxis(gather(ks_units), -1, 2)[:, :, :, None, :]  # [B, C, K, 1, bk]
+            s = s * jnp.moveaxis(gather(ks_pool), -1, 2)[:, :, :, None, :]  # [B, C, K, 1, bk]
         s = s * cfg.scale
         kv_pos, exists = cfg.slot_position(slot, length[:, None, None], offset[:, None, None])
         if cfg.score_fn is not None:
@@ -87,10 +92,10 @@ def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
             visible = visible & cfg.mask_fn(q_pos, kv_pos[:, :, None, None, :], q_vals, kv)
         s = jnp.where(visible, s, -jnp.inf)  # [B, C, K, R, bk]
         seen = jnp.any(jnp.broadcast_to(visible, s.shape[:2] + (1,) + s.shape[3:]), axis=3)  # [B, C, 1, bk]
-        v = gather(k_units)[..., :hv] if v_units is None else gather(v_units)  # [B, C, bk, K, Hv]
+        v = gather(k_pool)[..., :hv] if v_pool is None else gather(v_pool)  # [B, C, bk, K, Hv]
         v = v.astype(jnp.float32 if v_scales is not None else cfg.compute_dtype)
         if v_scales is not None:
-            v = v * gather(vs_units)[..., None]
+            v = v * gather(vs_pool)[..., None]
         v = jnp.where(jnp.moveaxis(seen, 2, -1)[..., None], v, jnp.zeros_like(v))  # NaN-safe P @ V
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))  # [B, C, K, R]
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)

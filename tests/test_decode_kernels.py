@@ -246,27 +246,33 @@ def test_errors_name_the_argument():
         decode_attention(**args, block_k=16, block_map=jnp.zeros((3, 2), jnp.int8))
 
 
-def test_xla_temporaries_do_not_scale_with_the_pool_or_the_cache():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn])
+def test_xla_temporaries_do_not_scale_with_the_pool_or_the_cache(dtype):
     """The XLA body's compiled temporaries are per tile: the same for a pool of 64 or 4096 pages, and
-    far below one dense gather of the keys at a long cache (which the reference needs)."""
+    far below one dense gather of the keys at a long cache (which the reference needs). 16-bit and fp8
+    pools too: XLA:CPU would otherwise convert the whole pool to float32 before the loop."""
     b, n, k, h, ps = 2, 4, 2, 64, 16
+    quantized = jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
     def temp_bytes(pool, max_pages):
+        scales = jax.ShapeDtypeStruct((pool, ps, k), jnp.float32) if quantized else None
         args = (
-            jax.ShapeDtypeStruct((b, 1, n, h), jnp.float32),
-            jax.ShapeDtypeStruct((pool, ps, k, h), jnp.float32),
-            jax.ShapeDtypeStruct((pool, ps, k, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, 1, n, h), jnp.float32 if quantized else dtype),
+            jax.ShapeDtypeStruct((pool, ps, k, h), dtype),
+            jax.ShapeDtypeStruct((pool, ps, k, h), dtype),
             jax.ShapeDtypeStruct((b, max_pages), jnp.int32),
             jax.ShapeDtypeStruct((b,), jnp.int32),
+            scales,
         )
-        fn = functools.partial(decode_attention, block_k=64)
+        fn = lambda q, kp, vp, table, lengths, sc: decode_attention(q, kp, vp, table, lengths, k_scales=sc,
+                                                                     v_scales=sc, block_k=64)  # fmt: skip
         return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
     small, large = temp_bytes(64, 8), temp_bytes(4096, 8)
     assert small == large
     long_cache = temp_bytes(4096, 256)
-    dense_keys = b * 256 * ps * k * h * 4
-    assert long_cache < dense_keys / 20
+    dense_keys = b * 256 * ps * k * h * jnp.dtype(dtype).itemsize
+    assert long_cache < dense_keys / 10
 
 
 def test_pallas_bodies_name_what_they_cannot_serve():
