@@ -55,13 +55,17 @@ def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
         return None if x is None else x.reshape(x.shape[0] * ps // unit, unit, *x.shape[2:])
 
     k_units, v_units, ks_units, vs_units = (units(x) for x in (k_pages, v_pages, k_scales, v_scales))
+    narrow_float = jnp.issubdtype(k_pages.dtype, jnp.floating) and jnp.dtype(k_pages.dtype).itemsize < 4
 
     def step(i, carry):
         m_prev, l_prev, acc_prev = carry
-        # Tie the pool to the step: XLA:CPU has no native bf16/fp8 arithmetic and would otherwise move the
-        # tile's conversion to float32 onto the whole (loop-invariant) pool, hoisted before the loop: a
-        # float32 copy of the cache at every call. Measured: temporaries the size of the pool without this.
-        pools, _ = lax.optimization_barrier(((k_units, v_units, ks_units, vs_units), i))
+        pools = (k_units, v_units, ks_units, vs_units)
+        if narrow_float:
+            # Tie the pool to the step: XLA:CPU has no native bf16/fp8 arithmetic and would otherwise move
+            # the tile's conversion onto the whole (loop-invariant) pool, hoisted before the loop: a float32
+            # copy of the cache at every call (temporaries the size of the pool without this). Not for
+            # float32/int8 pools, which it reads in place anyway and whose loop the barrier slows down.
+            pools, _ = lax.optimization_barrier((pools, i))
         k_pool, v_pool, ks_pool, vs_pool = pools
         idx = first + i  # [B, C]
         active = idx < last
