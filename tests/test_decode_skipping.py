@@ -17,7 +17,6 @@ from flax import nnx
 from helpers import RecordingBackend
 
 import attention_jax as aj
-from attention_jax.cache.layout import kernel_layout
 from attention_jax.functional import backends
 from attention_jax.functional.cached import resolve_cache_mask
 from pallas_kernels.decode_attention import DEFAULT_BLOCK_K, _decode, decode_attention_reference
@@ -49,7 +48,7 @@ def _prefilled(layer, kind):
 def test_the_kernel_visits_only_the_window(kind):
     layer = _layer(None)
     cache = _prefilled(layer, kind)
-    lay = kernel_layout(cache)
+    lay = cache.kernel_layout()
     q_positions = cache.lengths[:, None]  # [B, 1]
     mask = aj.masks.causal() & aj.masks.sliding_window(WINDOW)
     mask_fn, q_vals, kv_vals, block_map = resolve_cache_mask(mask, lay, q_positions, BLOCK_K)

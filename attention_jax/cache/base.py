@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from attention_jax._pytree import register_dataclass
 from attention_jax.cache._storage import KVStorage
+from attention_jax.cache.layout import KernelLayout
 
 Array = jax.Array
 
@@ -68,6 +69,22 @@ class Cache:
     def _would_overflow(self, new: Array) -> Array:
         """``[B]`` bool: appending ``new`` tokens would not fit (the rolling cache never overflows)."""
         return jnp.zeros(self.lengths.shape, bool)
+
+    def kernel_layout(self) -> KernelLayout:
+        """The cache as the decode kernels read it, in place (:mod:`attention_jax.cache.layout`).
+
+        Raises ``TypeError`` for a cache kind without one: its layers keep the dense view.
+        """
+        raise TypeError(f"no kernel layout for a cache of type {type(self).__name__}.")
+
+    @property
+    def holds_new_tokens(self) -> bool:
+        """Whether, after a step's write, the cache still holds every key that step's queries need.
+
+        True for a cache that only appends; a ring of the window is False: its write evicts keys
+        the step's earlier queries still see, so they are attended to before the write.
+        """
+        return True
 
     # -- public API ------------------------------------------------------------------------------------
     @property

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from attention_jax._pytree import register_dataclass
 from attention_jax.cache import base
 from attention_jax.cache._storage import KVStorage
+from attention_jax.cache.layout import KernelLayout, storage_layout
 
 Array = jax.Array
 
@@ -62,6 +63,9 @@ class KVCache(base.Cache):
 
     def _would_overflow(self, new):
         return self.lengths + new > self.capacity
+
+    def kernel_layout(self) -> KernelLayout:
+        return storage_layout(self.storage, self.lengths)
 
     def _update(self, keys, values, new):
         b, t = keys.shape[:2]

@@ -1,9 +1,11 @@
-"""How each cache presents its storage to :func:`pallas_kernels.decode_attention.decode_attention`.
+"""How a cache presents its storage to :func:`pallas_kernels.decode_attention.decode_attention`.
 
 The kernel reads keys/values as pages ``[P, ps, K, H]`` of a pool through a page table ``[B, M]``,
 with per-sequence ``lengths``, the absolute position ``kv_offset`` of logical slot 0, an optional
 ring of ``W`` slots, and the per-token-per-head scales of int8/fp8 pages. A :class:`KernelLayout`
-holds exactly that, without copying or dequantising a byte of the cache:
+holds exactly that, without copying or dequantising a byte of the cache. Each cache builds its own
+(:meth:`~attention_jax.cache.Cache.kernel_layout`), so a new cache kind reaches the decode kernels
+by implementing that method, nothing here:
 
 * :class:`~attention_jax.cache.PagedKVCache`: its pool and page table as they are;
 * :class:`~attention_jax.cache.KVCache`: ``[B, C, K, H]`` is ``B`` pages of ``C`` slots (a free
@@ -19,7 +21,7 @@ holds exactly that, without copying or dequantising a byte of the cache:
 >>> import attention_jax as aj
 >>> cache = aj.cache.PagedKVCache.create(2, num_pages=6, page_size=4, num_kv_heads=1, head_dim=8, quantized=True)
 >>> cache, _ = cache.update(jnp.ones((2, 5, 1, 8)), jnp.ones((2, 5, 1, 8)))
->>> lay = kernel_layout(cache)
+>>> lay = cache.kernel_layout()
 >>> lay.k_pages.dtype, lay.k_pages.shape, lay.page_table.tolist(), lay.num_slots
 (dtype('int8'), (6, 4, 1, 8), [[0, 1, -1, -1, -1, -1], [2, 3, -1, -1, -1, -1]], 24)
 """
@@ -27,21 +29,21 @@ holds exactly that, without copying or dequantising a byte of the cache:
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from attention_jax._pytree import register_dataclass
 from attention_jax.cache._storage import KVStorage, quantize
-from attention_jax.cache.base import Cache
-from attention_jax.cache.dense import KVCache
-from attention_jax.cache.paged import PagedKVCache
-from attention_jax.cache.rolling import RollingKVCache
 from pallas_kernels.decode_attention import dense_as_pages
+
+if TYPE_CHECKING:  # the caches import this module to build their layouts
+    from attention_jax.cache.base import Cache
 
 Array = jax.Array
 
-__all__ = ["KernelLayout", "kernel_layout", "tokens_layout", "holds_new_tokens", "slot_positions"]
+__all__ = ["KernelLayout", "storage_layout", "tokens_layout", "slot_positions"]
 
 
 @register_dataclass
@@ -69,34 +71,15 @@ class KernelLayout:
         return dict(kv_offset=self.kv_offset, ring=self.ring, k_scales=self.k_scales, v_scales=self.v_scales)
 
 
-def _storage_pages(storage: KVStorage) -> tuple[Array, Array | None, Array | None, Array | None, Array]:
-    """A storage over index dims ``[B, C]`` as ``B`` pages of ``C`` slots: ``(k, v, k_scales, v_scales, table)``."""
+def storage_layout(storage: KVStorage, lengths: Array, *, valid_from: Array | None = None,
+                   ring: int | None = None) -> KernelLayout:  # fmt: skip
+    """A storage over index dims ``[B, C]`` (a dense cache, a ring) as ``B`` pages of ``C`` slots, slot 0 at
+    position 0: a free reshape, ``page_table[b] = [b]``, so whole tiles are contiguous."""
     c = storage.keys.shape[1]
     k_pages, table = dense_as_pages(storage.keys, c)
     pages = lambda x: None if x is None else dense_as_pages(x, c)[0]
-    return k_pages, pages(storage.values), pages(storage.key_scales), pages(storage.value_scales), table
-
-
-def kernel_layout(cache: Cache) -> KernelLayout:
-    """The kernel's view of ``cache`` as it stands (for dense and paged caches: after the step's write).
-
-    Raises ``TypeError`` for a cache kind it does not know.
-    """
-    st = cache.storage
-    zeros = jnp.zeros_like(cache.lengths)
-    if isinstance(cache, PagedKVCache):
-        return KernelLayout(st.keys, st.values, st.key_scales, st.value_scales, cache.page_table, cache.lengths,
-                            zeros, None)  # fmt: skip
-    if isinstance(cache, KVCache):
-        return KernelLayout(*_storage_pages(st), cache.lengths, zeros, None)
-    if isinstance(cache, RollingKVCache):
-        return KernelLayout(*_storage_pages(st), cache.lengths, zeros, cache.held_from, ring=cache.slots)
-    raise TypeError(f"no kernel layout for a cache of type {type(cache).__name__}.")
-
-
-def holds_new_tokens(cache: Cache) -> bool:
-    """Whether the cache after a write holds every key this step's queries need (dense, paged: yes; a ring: no)."""
-    return not isinstance(cache, RollingKVCache)
+    v, ks, vs = (pages(x) for x in (storage.values, storage.key_scales, storage.value_scales))
+    return KernelLayout(k_pages, v, ks, vs, table, lengths, jnp.zeros_like(lengths), valid_from, ring=ring)
 
 
 def tokens_layout(cache: Cache, keys: Array, values: Array | None, new: Array) -> KernelLayout:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from attention_jax._pytree import register_dataclass
 from attention_jax.cache import base
 from attention_jax.cache._storage import KVStorage
+from attention_jax.cache.layout import KernelLayout
 
 Array = jax.Array
 
@@ -109,6 +110,12 @@ class PagedKVCache(base.Cache):
 
     def _would_overflow(self, new):
         return _would_overflow(self, new)
+
+    def kernel_layout(self) -> KernelLayout:
+        """The pool and the page table as they are."""
+        st = self.storage
+        return KernelLayout(st.keys, st.values, st.key_scales, st.value_scales, self.page_table, self.lengths,
+                            jnp.zeros_like(self.lengths), None)  # fmt: skip
 
     # -- allocation ------------------------------------------------------------------------------
     def _pages_needed(self, end: Array, copy: Array | None = None) -> tuple[tuple[Array, Array], Array]:

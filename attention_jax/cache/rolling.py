@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from attention_jax._pytree import register_dataclass
 from attention_jax.cache import base
 from attention_jax.cache._storage import KVStorage
+from attention_jax.cache.layout import KernelLayout, storage_layout
 
 Array = jax.Array
 
@@ -90,6 +91,15 @@ class RollingKVCache(base.Cache):
 
     def _capacity_text(self) -> str:
         return f"window={self.window}, max_rollback={self.max_rollback}"
+
+    def kernel_layout(self) -> KernelLayout:
+        """The ring as it stands (before a step's write), in the kernel's ring layout; positions older than
+        ``held_from`` (lost to a rollback past the extra slots) are hidden by ``valid_from``."""
+        return storage_layout(self.storage, self.lengths, valid_from=self.held_from, ring=self.slots)
+
+    @property
+    def holds_new_tokens(self) -> bool:
+        return False  # after a write the ring of W slots no longer holds the oldest key a query needs
 
     def _rollback(self, n):
         lengths = self.lengths - n

@@ -90,7 +90,7 @@ def fallback_reason(
     if decode_kernel(implementation) is None:
         return f"implementation={implementation!r} has no decode kernel on {jax.default_backend()}"
     try:
-        layout = jax.eval_shape(layout_lib.kernel_layout, cache)  # shapes only: nothing is computed
+        layout = jax.eval_shape(type(cache).kernel_layout, cache)  # shapes only: nothing is computed
     except TypeError as e:
         return str(e)
     if dropout_rng is not None:
@@ -98,7 +98,7 @@ def fallback_reason(
     if mask is not None and not isinstance(mask, masks_lib.Mask):
         return "a boolean-array mask has no block map over the cache's slots"
     if isinstance(mask, masks_lib.Mask) and mask.num_kv_arrays:
-        if not layout_lib.holds_new_tokens(cache):
+        if not cache.holds_new_tokens:
             return "per-key mask data indexes the dense view, whose slots a ring reorders"
         try:
             _, kv_vals = mask.arrays(t, layout.num_slots)
@@ -214,10 +214,10 @@ def _kernel_step(query, key, value, cache, new, mask, score_mod, sinks, *, scale
     new_cache, _ = cache.update(key, value, lengths=new)  # the view is dead code: XLA drops its gather
     attend = functools.partial(_attend, query, q_positions, mask=mask, score_mod=score_mod, scale=scale,
                                softcap=softcap, value_dim=value_dim, kernel=kernel, interpret=interpret)  # fmt: skip
-    if layout_lib.holds_new_tokens(cache):
-        out, lse = attend(layout_lib.kernel_layout(new_cache))
+    if cache.holds_new_tokens:
+        out, lse = attend(new_cache.kernel_layout())
     else:  # the ring before the write, then the new tokens, merged by logsumexp
-        parts = [attend(layout_lib.kernel_layout(cache)), attend(layout_lib.tokens_layout(cache, key, value, new))]
+        parts = [attend(cache.kernel_layout()), attend(layout_lib.tokens_layout(cache, key, value, new))]
         out, lse = merge_by_lse(*parts)
         out = out.astype(query.dtype)
     if sinks is not None:
