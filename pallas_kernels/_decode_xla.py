@@ -12,13 +12,31 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+Array = jax.Array
 
 
 def _per_row(x, cfg):
     """Per-query data ``[B, T] -> [B, T * G]`` (row ``t * G + g`` holds ``x[:, t]``)."""
     return jnp.repeat(x, cfg.group, axis=1)
+
+
+def _gather_units(pages: Array, starts: Array, unit: int) -> Array:
+    """``unit`` contiguous slots of a page at each ``starts [..., 2]`` (page, first slot): ``[..., unit, ...]``.
+
+    A gather straight from ``[P, ps, ...]``: a reshape of the pool into units would be a second consumer of
+    the cache's write in the same program, which XLA may then perform twice, on a copy of the whole cache.
+    """
+    trailing = pages.shape[2:]
+    dims = lax.GatherDimensionNumbers(
+        offset_dims=tuple(range(starts.ndim - 1, starts.ndim + len(trailing))),
+        collapsed_slice_dims=(0,),
+        start_index_map=(0, 1),
+    )
+    return lax.gather(pages, starts, dims, (1, unit, *trailing), mode=lax.GatherScatterMode.CLIP)
 
 
 def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
@@ -28,8 +46,8 @@ def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
     key tile (``[B, C, bk, K, H]``) and updates that split's online softmax. The trip count is the
     longest chunk of the batch, so EMPTY tiles cost nothing and a window visits only its tiles.
     Temporaries are per tile: nothing scales with the pool or the cache length. The gather moves
-    units of ``u = gcd(ps, bk)`` contiguous slots (the pool viewed as ``[P * ps / u, u, K, H]``, a free
-    reshape): whole pages when pages are smaller than the tile, whole tiles when they are larger.
+    units of ``u = gcd(ps, bk)`` contiguous slots straight from ``[P, ps, K, H]`` (:func:`_gather_units`):
+    whole pages when pages are smaller than the tile, whole tiles when they are larger.
     """
     b, c, bk, ps, kh = cfg.batch, cfg.num_splits, cfg.block_k, cfg.page_size, cfg.num_kv_heads
     rows, hv = cfg.rows, cfg.value_dim
@@ -51,15 +69,11 @@ def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
     head = head[None, None, :, :, None]  # [1, 1, K, R, 1]
     head_params = tuple(x[head] for x in arrays["score_params"])
 
-    def units(x):  # [P, ps, ...] -> [P * ps / u, u, ...]
-        return None if x is None else x.reshape(x.shape[0] * ps // unit, unit, *x.shape[2:])
-
-    k_units, v_units, ks_units, vs_units = (units(x) for x in (k_pages, v_pages, k_scales, v_scales))
     narrow_float = jnp.issubdtype(k_pages.dtype, jnp.floating) and jnp.dtype(k_pages.dtype).itemsize < 4
 
     def step(i, carry):
         m_prev, l_prev, acc_prev = carry
-        pools = (k_units, v_units, ks_units, vs_units)
+        pools = (k_pages, v_pages, k_scales, v_scales)
         if narrow_float:
             # Tie the pool to the step: XLA:CPU has no native bf16/fp8 arithmetic and would otherwise move
             # the tile's conversion onto the whole (loop-invariant) pool, hoisted before the loop: a float32
@@ -72,10 +86,10 @@ def forward(cfg, q_rows, k_pages, v_pages, k_scales, v_scales, plan, arrays):
         tile = jnp.take_along_axis(plan.order, jnp.clip(idx, 0, cfg.num_tiles - 1), axis=1)  # [B, C]
         first_slot = tile[..., None] * bk + jnp.arange(0, bk, unit, dtype=jnp.int32)  # [B, C, bk / u]
         unit_page = arrays["page_table"][rows_idx, jnp.minimum(first_slot // ps, cfg.max_pages - 1)]
-        flat = jnp.maximum(unit_page, 0) * (ps // unit) + first_slot % ps // unit  # [B, C, bk / u]
+        starts = jnp.stack([jnp.maximum(unit_page, 0), first_slot % ps], axis=-1)  # [B, C, bk / u, 2]
 
         def gather(x):  # one tile of every (sequence, split): [B, C, bk, ...]
-            return x[flat].reshape(b, c, bk, *x.shape[2:])
+            return _gather_units(x, starts, unit).reshape(b, c, bk, *x.shape[2:])
 
         slot = tile[..., None] * bk + jnp.arange(bk, dtype=jnp.int32)  # [B, C, bk]
         page = jnp.repeat(unit_page, unit, axis=-1)

@@ -185,6 +185,18 @@ def test_decode_step_temporaries_do_not_grow_with_the_cache():
     assert grown["dense view"][1] - grown["dense view"][0] >= dense_bytes, grown
 
 
+def test_one_sequence_decode_step_writes_its_dense_cache_in_place():
+    """B=1, T=1: XLA turns the cache write into a dynamic-update-slice. Read through a reshape of the pool,
+    that write was performed twice, each on its own copy of the whole cache (4 copies per layer step);
+    the kernel's gather reads the written cache as it is, so the donated step needs no cache-sized buffer."""
+    layer = aj.nn.MultiHeadAttention(32, num_heads=N, num_kv_heads=K, mask=aj.masks.causal(), rngs=nnx.Rngs(0))
+    cache = layer.init_cache(1, 2048)
+    graphdef, state = nnx.split(layer)
+    step = jax.jit(lambda state, cache, token: nnx.merge(graphdef, state)(token, cache=cache), donate_argnums=1)
+    temp = step.trace(state, cache, jnp.zeros((1, 1, 32))).lower().compile().memory_analysis().temp_size_in_bytes
+    assert temp < cache.storage.keys.nbytes, (temp, cache.storage.keys.nbytes)
+
+
 def _triton_step(q, kn, vn, cache, interpret):
     mask = aj.masks.causal() & aj.masks.sliding_window(5)
     return cached_attention(q, kn, vn, cache, mask=mask, kernel="triton", interpret=interpret)[0]
