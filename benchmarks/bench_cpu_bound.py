@@ -9,6 +9,12 @@ forward time of *any* XLA blockwise attention (softmax free, no waste on diagona
 compares it with PyTorch SDPA's measured forward at the same shape: when the bound is slower than
 torch, no tiling or schedule written in JAX reaches the 1.2x-over-torch goal on this machine.
 
+A second part looks at one decode step (one query token per sequence over a long cache) at the
+attention shapes of ``bench_decode.py``'s model, on every core and pinned to one core, each in a
+fresh child process: ours (the XLA decode body that a layer's ``cached_attention`` runs on CPU)
+against torch SDPA as transformers calls it for one token (the query group packed as rows of the
+key/value head). It shows where the time goes: how much each side gains from the second core.
+
     python benchmarks/bench_cpu_bound.py           # updates its section of RESULTS.md
     python benchmarks/bench_cpu_bound.py --quick   # small sizes, prints only
 """
@@ -16,6 +22,7 @@ torch, no tiling or schedule written in JAX reaches the 1.2x-over-torch goal on 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -25,10 +32,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import fmt_ms, load_average, machine, markdown_table, torch_version, write_section  # noqa: E402
+from common import fmt_ms, load_average, machine, markdown_table, run_child, torch_version, write_section  # noqa: E402
 
 SECTION = "CPU matmul bound of XLA attention"
 B, N, H = 1, 8, 64
+DECODE = dict(batch=8, num_heads=8, num_kv_heads=2, head_dim=64)  # bench_decode.py's model
 TILES = ((128, 128), (256, 256), (512, 256), (512, 512), (1024, 1024), (2048, 2048))
 
 
@@ -96,6 +104,56 @@ def _attention_calls(t: int, repeats: int) -> dict:
     return {"ours": _timer(lambda: ours(jq, jk, jv).block_until_ready(), repeats), "torch": _timer(sdpa, repeats)}
 
 
+def _decode_calls(length: int, repeats: int) -> dict:
+    """One decode step at cache length ``length``: ours (``decode_attention``, XLA body) and torch SDPA."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+
+    from pallas_kernels.decode_attention import decode_attention
+
+    b, n, kh, h = DECODE["batch"], DECODE["num_heads"], DECODE["num_kv_heads"], DECODE["head_dim"]
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((b, 1, n, h), dtype=np.float32)
+    k, v = (rng.standard_normal((b, length, kh, h), dtype=np.float32) for _ in range(2))
+    # A dense cache is one page per sequence; every slot is written, the query is the last token.
+    table, lengths = jnp.arange(b, dtype=jnp.int32)[:, None], jnp.full((b,), length, jnp.int32)
+    positions = (lengths - 1)[:, None]
+
+    def causal(q_pos, kv_pos, q_vals, kv_vals):
+        return kv_pos <= q_pos
+
+    ours = jax.jit(lambda q, k, v: decode_attention(q, k, v, table, lengths, q_positions=positions, mask_fn=causal))
+    jq, jk, jv = (jnp.asarray(x) for x in (q, k, v))
+    # transformers' SDPA path for one token packs each KV head's query group as rows: [B, K, G, H].
+    tq = torch.from_numpy(np.ascontiguousarray(q.reshape(b, kh, n // kh, h)))
+    tk, tv = (torch.from_numpy(np.ascontiguousarray(np.swapaxes(x, 1, 2))) for x in (k, v))
+
+    def sdpa():
+        with torch.inference_mode():
+            return F.scaled_dot_product_attention(tq, tk, tv)
+
+    return {"ours": _timer(lambda: ours(jq, jk, jv).block_until_ready(), repeats), "torch": _timer(sdpa, repeats)}
+
+
+def decode_child(lengths, rounds: int, repeats: int) -> dict:
+    """Decode timings in this process, interleaved rounds: ``{length: {"ours": s, "torch": s}}``."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    calls = {t: _decode_calls(t, repeats) for t in lengths}
+    timers = [((t, name), timer) for t, named in calls.items() for name, timer in named.items()]
+    for _, timer in timers:  # compile; torch's first few dozen calls run slowly
+        for _ in range(20):
+            timer()
+    samples: dict = {key: [] for key, _ in timers}
+    for _ in range(rounds):
+        for key, timer in timers:
+            samples[key].append(timer())
+    return {str(t): {name: float(np.median(samples[(t, name)])) for name in calls[t]} for t in lengths}
+
+
 def measure(ts, tiles, rounds: int, repeats: int) -> tuple[dict, dict]:
     """Interleaved rounds over every tile matmul and attention call; medians over rounds."""
     import torch
@@ -125,12 +183,24 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, print only (no RESULTS.md update)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-child", type=int, help=argparse.SUPPRESS)  # cores to pin this child to
+    parser.add_argument("--decode-lengths", type=lambda s: [int(x) for x in s.split(",")], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if torch_version() is None:
         sys.exit("bench_cpu_bound.py needs torch (the `bench` extra): it compares against torch's matmuls.")
+    if args.decode_child:
+        # Pinned before JAX or torch start their thread pools, so both size them to these cores.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.decode_child])
+        print(json.dumps(decode_child(args.decode_lengths, args.rounds, 20)))
+        return
     ts, tiles, repeats = ((1024,), TILES[:3], 20) if args.quick else ((4096, 8192), TILES, 20)
+    decode_lengths = (1024,) if args.quick else (4096, 8192)
     started, load_start = time.perf_counter(), load_average()
     rates, attn = measure(ts, tiles, args.rounds, repeats)
+    all_cores = len(os.sched_getaffinity(0))
+    child_args = ["--rounds", str(args.rounds), "--decode-lengths", ",".join(map(str, decode_lengths))]
+    decode = {cores: run_child(Path(__file__), [*child_args, "--decode-child", str(cores)])
+              for cores in sorted({all_cores, 1}, reverse=True)}  # fmt: skip
 
     tile_rows = []
     for (bq, bk), r in rates.items():
@@ -149,6 +219,16 @@ def main(argv=None) -> None:
             [str(t), fmt_ms(times["torch"]), fmt_ms(times["ours"]), fmt_ms(bound), fmt_ms(times["torch"] / 1.2),
              f"{times['torch'] / times['ours']:.2f}x", f"{times['torch'] / bound:.2f}x"]
         )  # fmt: skip
+    decode_rows = []
+    for cores, result in decode.items():
+        for t in decode_lengths:
+            if "error" in result:
+                decode_rows.append([str(t), str(cores)] + [result["error"]] + [""] * 2)
+                continue
+            times = result[str(t)]
+            decode_rows.append([str(t), str(cores), fmt_ms(times["ours"]), fmt_ms(times["torch"]),
+                                f"{times['torch'] / times['ours']:.2f}x"])  # fmt: skip
+    d = DECODE
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} UTC with `python benchmarks/bench_cpu_bound.py"
         f"{' --quick' if args.quick else ''}` on {machine()}; load average {load_start:.1f} at the start and "
@@ -173,6 +253,15 @@ def main(argv=None) -> None:
              "torch / bound"],
             bound_rows,
         ),  # fmt: skip
+        "",
+        f"**One decode step, B={d['batch']}, {d['num_heads']} query / {d['num_kv_heads']} key-value heads, "
+        f"H={d['head_dim']}, float32** (the attention of one layer of `bench_decode.py`'s model): ours, "
+        "`decode_attention`'s XLA body over a dense cache (what `cached_attention` runs on CPU), against torch "
+        "SDPA with each key-value head's query group packed as rows (what transformers runs for one token). "
+        "Each core count in its own process, pinned to that many cores before JAX and torch start their thread "
+        "pools (torch threads = cores).",
+        "",
+        *markdown_table(["L", "cores", "ours (ms)", "torch SDPA (ms)", "torch / ours"], decode_rows),
     ]
     text = "\n".join(lines)
     print(text)
