@@ -20,5 +20,7 @@ def test_child_times_what_agrees():
     res = bench.child({"length": 48, "dtype": "float32", "rounds": 1, "torch": False})
     assert set(res["median"]) == {"ours", "dense gather"}
     assert all(t > 0 for t in res["median"].values())
-    # The gather's temporaries hold the whole dense cache; ours only tiles.
-    assert res["temp"]["dense gather"] > res["temp"]["ours"] or res["temp"]["ours"] < 2**20
+    # Ours holds tiles only: at most a float32 key and value tile of the largest default block (128 slots),
+    # whatever the cache length (at 48 tokens that is still more than the whole dense cache).
+    tile = bench.B * 128 * bench.K * bench.H * 4
+    assert res["temp"]["ours"] <= 2 * tile, res["temp"]
