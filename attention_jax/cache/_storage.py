@@ -133,12 +133,12 @@ class KVStorage:
 
     def write(self, index: tuple[Array, ...], keys: Array, values: Array | None) -> KVStorage:
         """Scatter ``keys [*J, K, H]`` at ``index`` (a tuple of int arrays ``[*J]``); out-of-range entries drop."""
-        new_keys, new_key_scales = self._encode(keys)
+        new_keys, new_key_scales = self.encode(keys)
         out_keys = self.keys.at[index].set(new_keys, mode="drop")
         out_key_scales = None if new_key_scales is None else self.key_scales.at[index].set(new_key_scales, mode="drop")
         out_values, out_value_scales = None, None
         if self.values is not None:
-            new_values, new_value_scales = self._encode(values)
+            new_values, new_value_scales = self.encode(values)
             out_values = self.values.at[index].set(new_values, mode="drop")
             if new_value_scales is not None:
                 out_value_scales = self.value_scales.at[index].set(new_value_scales, mode="drop")
@@ -169,7 +169,8 @@ class KVStorage:
             return x.astype(self.dtype)
         return dequantize(*quantize(x, self.quantization), self.dtype)
 
-    def _encode(self, x: Array) -> tuple[Array, Array | None]:
+    def encode(self, x: Array) -> tuple[Array, Array | None]:
+        """``x`` as this storage holds it: int8/fp8 with its float32 scales, or ``(x in dtype, None)``."""
         if self.quantized:
             return quantize(x, self.quantization)
         return x.astype(self.dtype), None

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_jax._pytree import register_dataclass
-from attention_jax.cache._storage import KVStorage, quantize
+from attention_jax.cache._storage import KVStorage
 from pallas_kernels.decode_attention import dense_as_pages
 
 if TYPE_CHECKING:  # the caches import this module to build their layouts
@@ -71,15 +71,17 @@ class KernelLayout:
         return dict(kv_offset=self.kv_offset, ring=self.ring, k_scales=self.k_scales, v_scales=self.v_scales)
 
 
-def storage_layout(storage: KVStorage, lengths: Array, *, valid_from: Array | None = None,
-                   ring: int | None = None) -> KernelLayout:  # fmt: skip
-    """A storage over index dims ``[B, C]`` (a dense cache, a ring) as ``B`` pages of ``C`` slots, slot 0 at
-    position 0: a free reshape, ``page_table[b] = [b]``, so whole tiles are contiguous."""
+def storage_layout(storage: KVStorage, lengths: Array, *, kv_offset: Array | None = None,
+                   valid_from: Array | None = None, ring: int | None = None) -> KernelLayout:  # fmt: skip
+    """A storage over index dims ``[B, C]`` (a dense cache, a ring, new tokens) as ``B`` pages of ``C`` slots,
+    slot 0 at position ``kv_offset`` (default 0): a free reshape, ``page_table[b] = [b]``, so whole tiles
+    are contiguous."""
     c = storage.keys.shape[1]
     k_pages, table = dense_as_pages(storage.keys, c)
     pages = lambda x: None if x is None else dense_as_pages(x, c)[0]
     v, ks, vs = (pages(x) for x in (storage.values, storage.key_scales, storage.value_scales))
-    return KernelLayout(k_pages, v, ks, vs, table, lengths, jnp.zeros_like(lengths), valid_from, ring=ring)
+    offset = jnp.zeros_like(lengths) if kv_offset is None else kv_offset
+    return KernelLayout(k_pages, v, ks, vs, table, lengths, offset, valid_from, ring=ring)
 
 
 def tokens_layout(cache: Cache, keys: Array, values: Array | None, new: Array) -> KernelLayout:
@@ -89,20 +91,10 @@ def tokens_layout(cache: Cache, keys: Array, values: Array | None, new: Array) -
     here reads what a later step reads from the cache; slot ``i`` holds position ``cache.lengths + i``.
     """
     st = cache.storage
-
-    def encode(x):
-        if x is None:
-            return None, None
-        if st.quantized:
-            return quantize(x, st.quantization)
-        return x.astype(st.dtype), None
-
-    (k, ks), (v, vs) = encode(keys), encode(values)
-    t = keys.shape[1]
-    k_pages, table = dense_as_pages(k, t)
-    pages = lambda x: None if x is None else dense_as_pages(x, t)[0]
-    return KernelLayout(k_pages, pages(v), pages(ks), pages(vs), table, jnp.asarray(new, jnp.int32),
-                        jnp.asarray(cache.lengths, jnp.int32), None)  # fmt: skip
+    k, ks = st.encode(keys)
+    v, vs = (None, None) if values is None else st.encode(values)
+    tokens = KVStorage(k, v, ks, vs, st.dtype)
+    return storage_layout(tokens, jnp.asarray(new, jnp.int32), kv_offset=jnp.asarray(cache.lengths, jnp.int32))
 
 
 def slot_positions(layout: KernelLayout) -> Array:
