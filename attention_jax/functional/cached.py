@@ -98,7 +98,7 @@ def fallback_reason(
     if mask is not None and not isinstance(mask, masks_lib.Mask):
         return "a boolean-array mask has no block map over the cache's slots"
     if isinstance(mask, masks_lib.Mask) and mask.num_kv_arrays:
-        if not cache.holds_new_tokens:
+        if layout.ring is not None:
             return "per-key mask data indexes the dense view, whose slots a ring reorders"
         try:
             _, kv_vals = mask.arrays(t, layout.num_slots)
