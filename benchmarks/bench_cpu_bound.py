@@ -144,14 +144,21 @@ def decode_child(lengths, rounds: int, repeats: int) -> dict:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     calls = {t: _decode_calls(t, repeats) for t in lengths}
     timers = [((t, name), timer) for t, named in calls.items() for name, timer in named.items()]
-    for _, timer in timers:  # compile; torch's first few dozen calls run slowly
-        for _ in range(20):
+    medians = _interleaved_medians(timers, rounds, warmup=20)
+    return {str(t): {name: medians[(t, name)] for name in calls[t]} for t in lengths}
+
+
+def _interleaved_medians(timers, rounds: int, warmup: int) -> dict:
+    """``warmup`` untimed calls of each timer (compiling; torch's first few dozen calls run slowly), then
+    ``rounds`` rounds calling every timer once in turn: ``{key: median seconds}``."""
+    for _, timer in timers:
+        for _ in range(warmup):
             timer()
     samples: dict = {key: [] for key, _ in timers}
     for _ in range(rounds):
         for key, timer in timers:
             samples[key].append(timer())
-    return {str(t): {name: float(np.median(samples[(t, name)])) for name in calls[t]} for t in lengths}
+    return {key: float(np.median(s)) for key, s in samples.items()}
 
 
 def measure(ts, tiles, rounds: int, repeats: int) -> tuple[dict, dict]:
@@ -163,14 +170,7 @@ def measure(ts, tiles, rounds: int, repeats: int) -> tuple[dict, dict]:
     attn_calls = {t: _attention_calls(t, 1) for t in ts}
     timers = [(("tile", key, name), timer) for key, calls in tile_calls.items() for name, (timer, _) in calls.items()]
     timers += [(("attn", t, name), timer) for t, calls in attn_calls.items() for name, timer in calls.items()]
-    for _, timer in timers:  # compile and warm up: torch's bmm runs slowly for its first few dozen calls
-        for _ in range(5):
-            timer()
-    samples: dict = {key: [] for key, _ in timers}
-    for _ in range(rounds):
-        for key, timer in timers:
-            samples[key].append(timer())
-    medians = {key: float(np.median(s)) for key, s in samples.items()}
+    medians = _interleaved_medians(timers, rounds, warmup=5)
     rates = {
         (bq, bk): {name: flops / medians[("tile", (bq, bk), name)] for name, (_, flops) in calls.items()}
         for (bq, bk), calls in tile_calls.items()
